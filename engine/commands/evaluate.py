@@ -1,0 +1,59 @@
+"""``cli.py evaluate``: per-label metrics of a bundle on a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from engine.commands.common import add_data_args, load_data, load_model
+from engine.console import console, progress_task
+from engine.storage import atomic_write_json
+from model.evaluate import evaluate_bundle
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="per-label AUROC (95%% CI), AUPRC, ECE, sensitivity/specificity at the bundle thresholds",
+        description="Evaluate a bundle on a dataset. Features are cached per (model, data) so later "
+        "commands do not run the backbone again.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="model bundle (.safetensors)")
+    add_data_args(p, default_split="test")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the metrics as JSON here")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def _fmt(value: float | int | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    bundle = load_model(args.model)
+    dataset = load_data(args)
+    with progress_task("features") as progress:
+        result = evaluate_bundle(bundle, dataset, n_boot=args.n_boot, seed=args.seed, skip_bad=args.skip_bad,
+                                 progress=progress)
+    s = result["summary"]
+    table = Table(title=f"{args.model.name} on {args.data} (split {dataset.split}, {s['n_images']} images)")
+    for col in ("label", "pos", "AUROC", "95% CI", "AUPRC", "ECE", "thr", "sens", "spec"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for name, row in result["labels"].items():
+        ci = "n/a" if row["auroc_ci_low"] is None else f"{row['auroc_ci_low']:.2f}–{row['auroc_ci_high']:.2f}"
+        table.add_row(name, str(row["positives"]), _fmt(row["auroc"]), ci, _fmt(row["auprc"]), _fmt(row["ece"]),
+                      _fmt(row["threshold"]), _fmt(row["sensitivity"], ".2f"), _fmt(row["specificity"], ".2f"))
+    console.print(table)
+    ci = ("" if s["mean_auroc_ci_low"] is None
+          else f" (95% CI {s['mean_auroc_ci_low']:.3f}–{s['mean_auroc_ci_high']:.3f})")
+    console.print(f"mean AUROC over {s['labels_with_positives']} labels with positives: "
+                  f"[bold]{_fmt(s['mean_auroc'])}[/]{ci}")
+    if s["skipped"]:
+        console.print(f"[yellow]skipped {len(s['skipped'])} unreadable row(s)/image(s)[/]")
+    if args.json:
+        atomic_write_json(args.json, result)
+        console.print(f"Wrote {args.json}")
+    return 0

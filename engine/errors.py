@@ -1,0 +1,54 @@
+"""One family of user-facing errors, and the exit codes the CLI maps them to.
+
+Library code raises a subclass of :class:`TriageError` for every *expected* failure (bad input
+file, malformed policy, tampered audit record ...). The CLI prints its message without a
+traceback and exits with :data:`EXIT_ERROR`; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TriageError",
+    "DataError",
+    "BundleError",
+    "PolicyError",
+    "AuditError",
+    "InterventionError",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "EXIT_NEEDS_APPROVAL",
+]
+
+#: Healthy, or treated and verified.
+EXIT_OK = 0
+#: An expected error (bad input, failed check); the message says what and where.
+EXIT_ERROR = 1
+#: Wrong command-line usage (argparse's convention).
+EXIT_USAGE = 2
+#: Issues remain whose treatment needs a human's ``--approve`` (scheduled audits alert on it).
+EXIT_NEEDS_APPROVAL = 3
+
+
+class TriageError(Exception):
+    """Base class of every expected, user-facing failure."""
+
+
+class DataError(TriageError):
+    """A dataset file, row or image is missing, malformed or unsafe."""
+
+
+class BundleError(TriageError):
+    """A model bundle or checkpoint cannot be read or does not match the architecture."""
+
+
+class PolicyError(TriageError):
+    """A policy file is malformed; the message names the file and the key path."""
+
+
+class AuditError(TriageError):
+    """The audit store is unreadable or its hash chain does not verify."""
+
+
+class InterventionError(TriageError):
+    """An intervention cannot be applied to this model or data."""

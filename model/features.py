@@ -1,0 +1,146 @@
+"""Model inputs, batched inference and the pooled-feature cache.
+
+The backbone is the expensive part; everything classifier-level (monitors, thresholds, zeroing,
+classifier retraining, attribution) needs only the pooled 1024-d features and the logits. They are
+computed once per (model weights, dataset manifest, input size) and stored as a safetensors file
+in the cache folder (``$CXR_TRIAGE_CACHE`` or ``~/.cache/cxr-triage``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save
+
+from engine.storage import atomic_write_bytes
+from model.bundle import Bundle, BundleMeta
+from model.data import NIHDataset, read_images
+from model.densenet import pooled_features
+from model.metrics import sigmoid
+
+__all__ = ["FeatureSet", "cache_dir", "to_model_input", "compute_features", "extract_features"]
+
+Progress = Callable[[int, int], None]
+
+
+def cache_dir() -> Path:
+    """Where feature caches live: ``$CXR_TRIAGE_CACHE`` or ``~/.cache/cxr-triage``."""
+    return Path(os.environ.get("CXR_TRIAGE_CACHE") or Path.home() / ".cache" / "cxr-triage")
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Pooled features, logits and labels of one dataset under one model, row-aligned."""
+
+    image_names: tuple[str, ...]
+    patient_ids: np.ndarray
+    labels: np.ndarray  # (N, 14) uint8
+    features: np.ndarray  # (N, F) float32
+    logits: np.ndarray  # (N, K) float32
+    weights_hash: str
+    manifest_hash: str
+
+    def __len__(self) -> int:
+        return len(self.image_names)
+
+    @property
+    def probs(self) -> np.ndarray:
+        return sigmoid(self.logits)
+
+    def subset(self, indices: np.ndarray) -> "FeatureSet":
+        idx = np.asarray(indices, dtype=int)
+        return FeatureSet(
+            image_names=tuple(self.image_names[i] for i in idx),
+            patient_ids=self.patient_ids[idx],
+            labels=self.labels[idx],
+            features=self.features[idx],
+            logits=self.logits[idx],
+            weights_hash=self.weights_hash,
+            manifest_hash=self.manifest_hash,
+        )
+
+    def with_logits(self, logits: np.ndarray) -> "FeatureSet":
+        """Same rows with new logits (after a classifier-level change)."""
+        return FeatureSet(self.image_names, self.patient_ids, self.labels, self.features,
+                          np.asarray(logits, dtype=np.float32), self.weights_hash, self.manifest_hash)
+
+
+def to_model_input(images: np.ndarray, meta: BundleMeta) -> torch.Tensor:
+    """Grey ``(N, H, W)`` images in [0, 1] -> normalised ``(N, C, H, W)`` tensor for the bundle."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+    x = x.expand(-1, meta.in_channels, -1, -1)
+    mean = torch.tensor(meta.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def compute_features(
+    bundle: Bundle, images: np.ndarray, *, batch_size: int = 64, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the backbone on ``images``; returns pooled features (N, F) and logits (N, K), float32."""
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    feats, logits = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = to_model_input(images[start : start + batch_size], bundle.meta).to(device)
+            f = pooled_features(model, x)
+            feats.append(f.cpu().numpy())
+            logits.append(model.classifier(f).cpu().numpy())
+            if progress is not None:
+                progress(min(start + batch_size, len(images)), len(images))
+    finally:
+        model.train(was_training)
+    return np.concatenate(feats).astype(np.float32), np.concatenate(logits).astype(np.float32)
+
+
+def _cache_path(weights_hash: str, manifest_hash: str) -> Path:
+    return cache_dir() / "features" / f"{weights_hash[:20]}_{manifest_hash[:20]}.safetensors"
+
+
+def _from_arrays(dataset: NIHDataset, features: np.ndarray, logits: np.ndarray, wh: str) -> FeatureSet:
+    return FeatureSet(tuple(dataset.image_names), dataset.patient_ids, dataset.labels,
+                      features, logits, wh, dataset.manifest_hash())
+
+
+def extract_features(
+    bundle: Bundle,
+    dataset: NIHDataset,
+    *,
+    use_cache: bool = True,
+    batch_size: int = 64,
+    skip_bad: bool = False,
+    progress: Progress | None = None,
+) -> FeatureSet:
+    """Features and logits of ``dataset`` under ``bundle``, from the cache when present.
+
+    The cache stores rows by image name, so any row order of the same manifest is served.
+    Unreadable images raise, or with ``skip_bad`` are dropped (the result then covers fewer rows).
+    """
+    wh = bundle.weights_hash()
+    path = _cache_path(wh, dataset.manifest_hash())
+    if use_cache and path.is_file():
+        try:
+            arrays = load_file(str(path))
+            names = json.loads(bytes(arrays["names_json"]).decode())
+            row = {name: i for i, name in enumerate(names)}
+            order = np.array([row[n] for n in dataset.image_names])
+            return _from_arrays(dataset, arrays["features"][order], arrays["logits"][order], wh)
+        except (SafetensorError, KeyError, ValueError, OSError):
+            pass  # a stale or damaged cache entry is recomputed and overwritten
+    dataset, images = read_images(dataset, bundle.meta.input_size, skip_bad=skip_bad)
+    features, logits = compute_features(bundle, images, batch_size=batch_size, progress=progress)
+    if use_cache and not dataset.skipped:
+        names = np.frombuffer(json.dumps(dataset.image_names).encode(), dtype=np.uint8)
+        atomic_write_bytes(path, save({"features": features, "logits": logits, "names_json": names}))
+    return _from_arrays(dataset, features, logits, wh)

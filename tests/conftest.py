@@ -1,0 +1,82 @@
+"""Shared fixtures: an isolated feature cache and small NIH-layout datasets written on the fly."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.labels import CHEXNET_LABELS
+
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NIH1000 = SHARED_DATA / "nih1000"
+NIH_FULLRES = SHARED_DATA / "nih_fullres"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_TRIAGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def write_nih_dataset(
+    root: Path,
+    rows: Sequence[tuple[str, str, int]],
+    *,
+    size: int = 32,
+    seed: int = 0,
+    test_patients: Sequence[int] = (),
+    mode: str = "L",
+) -> Path:
+    """Write ``rows`` of (image name, Finding Labels, patient id) as an NIH-layout folder with random PNGs."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = [NIH_HEADER]
+    for name, labels, patient in rows:
+        pixels = (rng.random((size, size)) * 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").convert(mode).save(root / "images" / name)
+        lines.append(f"{name},{labels},0,{patient},50,M,PA,{size},{size},0.1,0.1")
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
+    if test_patients:
+        test = [r[0] for r in rows if r[2] in set(test_patients)]
+        train = [r[0] for r in rows if r[2] not in set(test_patients)]
+        (root / "test_list.txt").write_text("\n".join(test) + "\n")
+        (root / "train_val_list.txt").write_text("\n".join(train) + "\n")
+    return root
+
+
+def random_rows(n: int, seed: int = 0, n_patients: int | None = None) -> list[tuple[str, str, int]]:
+    """``n`` rows with random label sets (about half No Finding) over ``n_patients`` patients."""
+    rng = np.random.default_rng(seed)
+    n_patients = n_patients or max(2, n // 2)
+    rows = []
+    follow: dict[int, int] = {}
+    for _ in range(n):
+        patient = int(rng.integers(1, n_patients + 1))
+        k = follow.get(patient, 0)
+        follow[patient] = k + 1
+        picked = [name for name in CHEXNET_LABELS if rng.random() < 0.12]
+        rows.append((f"{patient:08d}_{k:03d}.png", "|".join(picked) or "No Finding", patient))
+    return rows
+
+
+@pytest.fixture
+def nih_factory(tmp_path: Path) -> Callable[..., Path]:
+    counter = iter(range(1000))
+
+    def make(rows: Sequence[tuple[str, str, int]] | None = None, **kwargs) -> Path:
+        root = tmp_path / f"ds{next(counter)}"
+        return write_nih_dataset(root, rows if rows is not None else random_rows(40), **kwargs)
+
+    return make
+
+
+requires_nih1000 = pytest.mark.skipif(not NIH1000.is_dir(), reason="../shared/data/nih1000 not present")
