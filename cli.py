@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from engine.console import err_console
 
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
