@@ -19,7 +19,8 @@ from engine.errors import EXIT_ERROR, EXIT_USAGE, TriageError  # noqa: E402
 
 EPILOG = """\
 exit status: 0 healthy, or treated and verified; 1 error; 2 usage error;
-             3 issues remain that need a human's --approve (triage).
+             3 issues remain that need a human's --approve (triage);
+             4 issues remain untreated: every candidate failed verification or the budget ran out.
 See README.md for a walkthrough."""
 
 

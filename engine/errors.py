@@ -18,6 +18,7 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_USAGE",
     "EXIT_NEEDS_APPROVAL",
+    "EXIT_UNTREATED",
 ]
 
 #: Healthy, or treated and verified.
@@ -28,6 +29,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 #: Issues remain whose treatment needs a human's ``--approve`` (scheduled audits alert on it).
 EXIT_NEEDS_APPROVAL = 3
+#: Issues remain untreated: every candidate failed verification, none applies, or the budget ran out.
+EXIT_UNTREATED = 4
 
 
 class TriageError(Exception):

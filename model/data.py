@@ -30,6 +30,7 @@ __all__ = [
     "SPLITS",
     "MAX_IMAGE_PIXELS",
     "Record",
+    "manifest_digest",
     "Skipped",
     "NIHDataset",
     "load_nih_dataset",
@@ -101,8 +102,20 @@ class NIHDataset:
 
     def manifest_hash(self) -> str:
         """Content hash of (image name, label vector) pairs, independent of row order."""
-        items = sorted((r.image_index, "".join(map(str, r.labels))) for r in self.records)
-        return sha256_bytes(canonical_json(items))
+        return manifest_digest(self.image_names, self.labels)
+
+    def images_fingerprint(self) -> str:
+        """Cheap identity of the pixel files: (name, size, mtime) of every image.
+
+        The manifest hash names images and labels only; a fault-injected copy of a dataset has the
+        same manifest but other pixels. Caches of anything computed from pixels key on this too.
+        Reading every file's bytes would be exact but costs minutes on the 112,120-image release.
+        """
+        items = []
+        for i, record in enumerate(self.records):
+            st = self.image_path(i).stat()
+            items.append((record.image_index, st.st_size, st.st_mtime_ns))
+        return sha256_bytes(canonical_json(sorted(items)))
 
     def image_path(self, index: int) -> Path:
         return safe_image_path(self.images_dir, self.records[index].image_index, where=str(self.csv_path))
@@ -111,6 +124,12 @@ class NIHDataset:
         """A dataset of the given rows (in the given order)."""
         records = tuple(self.records[int(i)] for i in indices)
         return replace(self, records=records, split=split or self.split)
+
+
+def manifest_digest(names: Sequence[str], labels: np.ndarray) -> str:
+    """Order-independent hash of (image name, label bits) pairs: the identity of a labelled set."""
+    items = sorted((name, "".join(str(int(v)) for v in row)) for name, row in zip(names, labels))
+    return sha256_bytes(canonical_json(items))
 
 
 def safe_image_path(images_dir: Path, name: str, *, where: str) -> Path:

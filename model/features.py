@@ -2,7 +2,7 @@
 
 The backbone is the expensive part; everything classifier-level (monitors, thresholds, zeroing,
 classifier retraining, attribution) needs only the pooled 1024-d features and the logits. They are
-computed once per (model weights, dataset manifest, input size) and stored as a safetensors file
+computed once per (model weights, dataset manifest, image files) and stored as a safetensors file
 in the cache folder (``$CXR_TRIAGE_CACHE`` or ``~/.cache/cxr-triage``).
 """
 
@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
-from engine.storage import atomic_write_bytes
+from engine.storage import atomic_write_bytes, sha256_bytes
 from model.bundle import Bundle, BundleMeta
-from model.data import NIHDataset, read_images
+from model.data import NIHDataset, manifest_digest, read_images
 from model.densenet import pooled_features
 from model.metrics import sigmoid
 
@@ -56,14 +56,15 @@ class FeatureSet:
 
     def subset(self, indices: np.ndarray) -> "FeatureSet":
         idx = np.asarray(indices, dtype=int)
+        names = tuple(self.image_names[i] for i in idx)
         return FeatureSet(
-            image_names=tuple(self.image_names[i] for i in idx),
+            image_names=names,
             patient_ids=self.patient_ids[idx],
             labels=self.labels[idx],
             features=self.features[idx],
             logits=self.logits[idx],
             weights_hash=self.weights_hash,
-            manifest_hash=self.manifest_hash,
+            manifest_hash=manifest_digest(names, self.labels[idx]),
         )
 
     def with_logits(self, logits: np.ndarray) -> "FeatureSet":
@@ -104,8 +105,10 @@ def compute_features(
     return np.concatenate(feats).astype(np.float32), np.concatenate(logits).astype(np.float32)
 
 
-def _cache_path(weights_hash: str, manifest_hash: str) -> Path:
-    return cache_dir() / "features" / f"{weights_hash[:20]}_{manifest_hash[:20]}.safetensors"
+def _cache_path(weights_hash: str, dataset: NIHDataset) -> Path:
+    """Keyed by weights, labelled manifest and the pixel files' fingerprint (see ``images_fingerprint``)."""
+    key = sha256_bytes(f"{dataset.manifest_hash()}:{dataset.images_fingerprint()}".encode())
+    return cache_dir() / "features" / f"{weights_hash[:20]}_{key[:24]}.safetensors"
 
 
 def _from_arrays(dataset: NIHDataset, features: np.ndarray, logits: np.ndarray, wh: str) -> FeatureSet:
@@ -128,7 +131,7 @@ def extract_features(
     Unreadable images raise, or with ``skip_bad`` are dropped (the result then covers fewer rows).
     """
     wh = bundle.weights_hash()
-    path = _cache_path(wh, dataset.manifest_hash())
+    path = _cache_path(wh, dataset)
     if use_cache and path.is_file():
         try:
             arrays = load_file(str(path))

@@ -88,3 +88,23 @@ def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert result.returncode == 2
     result = subprocess.run([sys.executable, str(REPO / "cli.py")], capture_output=True, text=True)
     assert result.returncode == 2
+
+
+def test_feature_cache_is_not_fooled_by_a_copy_with_other_pixels(phantom_dir: Path, tmp_path: Path) -> None:
+    """A fault-injected copy keeps names and labels (same manifest) but has other pixels."""
+    import shutil
+
+    from PIL import Image
+
+    bundle, _ = train_bundle(load_nih_dataset(phantom_dir, "train_val"), preset="tiny", image_size=32, epochs=1)
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom_dir, copy)
+    clean = extract_features(bundle, load_nih_dataset(phantom_dir, "test"))
+    shifted_ds = load_nih_dataset(copy, "test")
+    for i in range(len(shifted_ds)):
+        path = shifted_ds.image_path(i)
+        pixels = np.asarray(Image.open(path), dtype=np.float32)
+        Image.fromarray((255 * (pixels / 255) ** 2).astype(np.uint8)).save(path)
+    assert shifted_ds.manifest_hash() == load_nih_dataset(phantom_dir, "test").manifest_hash()
+    shifted = extract_features(bundle, shifted_ds)
+    assert not np.array_equal(shifted.logits, clean.logits)

@@ -1,0 +1,172 @@
+"""``cli.py triage``: monitor → decide → apply to a copy → verify → accept or escalate, with an audit trail."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from engine.audit import AuditStore
+from engine.commands.common import add_data_args, load_data, load_model
+from engine.console import console, err_console, progress_task
+from engine.errors import EXIT_NEEDS_APPROVAL, EXIT_OK, EXIT_USAGE
+from engine.loop import EXIT_UNTREATED, TriageOutcome, run_triage
+
+__all__ = ["register", "run", "EXIT_STATUS_HELP"]
+
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK}  healthy, or every issue treated and verified (also: --dry-run with a plan needing no approval)
+  1  error (bad model, data, policy or audit store; the message says which)
+  2  usage error
+  {EXIT_NEEDS_APPROVAL}  issues remain whose next treatment needs a human's --approve NAME (cron alert)
+  {EXIT_UNTREATED}  issues remain untreated: every candidate failed verification, none is applicable,
+     or the policy's budget ran out (takes precedence over {EXIT_NEEDS_APPROVAL})"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "triage",
+        help="find issues, choose the cheapest verified treatment under a policy, keep an audit trail",
+        description="Run the policy's monitors on a labelled validation set, let the rules propose "
+        "treatments, apply the cheapest to a copy of the model (learning only from a FIT half), verify it "
+        "on the patient-disjoint VERIFY half, and accept it or roll back and escalate to the next "
+        "candidate. Writes RUN_DIR/decision.json (every issue, candidate, cost, rule, choice, check and "
+        "outcome; byte-identical for the same inputs and seed), RUN_DIR/model.safetensors when the model "
+        "changed, and appends every step to the audit store.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, type=Path, help="deployed (compressed) model bundle (.safetensors)")
+    add_data_args(p, default_split="test")
+    p.add_argument("--policy", required=True, type=Path, help="policy YAML (cost matrix, acceptance, approval)")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="folder for decision.json and the "
+                   "treated model")
+    p.add_argument("--approve", action="extend", nargs="+", default=[], metavar="NAME",
+                   help="intervention(s) a human approves for this run even above the policy's automatic cost "
+                   "ceiling (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="monitor and decide only; write the plan, apply nothing")
+    p.add_argument("--audit", type=Path, metavar="PATH",
+                   help="audit store (SQLite); default: audit.db next to RUN_DIR (RUN_DIR/../audit.db)")
+    p.add_argument("--parent", type=Path, metavar="PARENT",
+                   help="the uncompressed parent bundle (compression-fidelity checks and re-optimisation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/verify split and the treatments "
+                   "(default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def _load_policy(path: Path) -> Any:
+    from rules.policy import load_policy
+
+    return load_policy(path)
+
+
+def _check_approve(names: list[str]) -> list[str]:
+    from interventions.base import available_interventions
+
+    known = available_interventions()
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        err_console.print(f"[bold red]usage error:[/] --approve: unknown intervention(s) {', '.join(unknown)}; "
+                          f"expected some of: {', '.join(known)}", highlight=False)
+    return unknown
+
+
+def _fmt_cost(value: Any) -> str:
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+_OUTCOME_STYLE = {
+    "treated": "green", "resolved_earlier": "green", "planned": "cyan", "needs_approval": "yellow",
+    "exhausted": "red", "no_candidate": "red", "budget_exhausted": "red",
+}
+
+
+def render(outcome: TriageOutcome, *, out_dir: Path, audit_path: Path) -> None:
+    """The final table: issues, candidates, decision, cost, outcome."""
+    d = outcome.decision
+    table = Table(title=f"triage run {d['run_id']} — policy {escape(d['policy']['name'])}", show_lines=True)
+    for col in ("issue", "candidates (cost)", "decision", "cost", "outcome"):
+        table.add_column(col, justify="right" if col == "cost" else "left")
+    facts = {f["fact_id"]: f for f in d["facts"]}
+    for tr in d["treatments"]:
+        fact = facts.get(tr["fact_id"], {})
+        issue = f"[bold]{tr['kind']}[/]\n{escape(tr['label'] or 'model')} ({tr['severity']})"
+        first = tr["attempts"][0] if tr["attempts"] else {}
+        cands = "\n".join(f"{escape(str(c.get('intervention')))} {_fmt_cost(c.get('cost'))}"
+                          for c in first.get("candidates", [])) or "—"
+        steps, cost = [], 0.0
+        for a in tr["attempts"]:
+            chosen = a.get("chosen")
+            if chosen is None:
+                continue
+            steps.append(f"{escape(str(chosen['intervention']))} → {a.get('result')}")
+            if a.get("result") in ("accepted", "rejected", "error"):
+                cost += float(chosen.get("cost") or 0.0)
+        style = _OUTCOME_STYLE.get(tr["outcome"], "white")
+        table.add_row(issue, cands, "\n".join(steps) or "—", _fmt_cost(cost), f"[{style}]{tr['outcome']}[/]")
+    if d["treatments"]:
+        console.print(table)
+    treated_ids = {t["fact_id"] for t in d["treatments"]}
+    info = [f for f in d["facts"] if f["fact_id"] not in treated_ids]
+    if info:
+        by_kind: dict[str, list[str]] = {}
+        for f in info:
+            by_kind.setdefault(f["kind"], []).append(f.get("label") or "model")
+        console.print("informational: " + "; ".join(
+            f"{kind} ({len(v)}: {', '.join(v[:6])}{' …' if len(v) > 6 else ''})" for kind, v in by_kind.items()),
+            highlight=False)
+    m = d["model"]
+    style = {"healthy": "green", "treated": "green", "planned": "cyan", "needs_approval": "yellow"}.get(
+        outcome.outcome, "red")
+    console.print(f"outcome: [bold {style}]{outcome.outcome}[/] (exit {outcome.exit_code}); "
+                  f"{len(d['facts'])} fact(s), {len(d['treatments'])} actionable; "
+                  f"verify split {d['data']['verify']['n_images']} images / fit {d['data']['fit']['n_images']}")
+    console.print(f"model {m['before'][:16]} → {m['after'][:16]}" + (" (changed)" if m["changed"] else " (unchanged)"))
+    console.print(f"wrote {outcome.decision_path}" + (f" and {outcome.model_path}" if outcome.model_path else ""))
+    console.print(f"audit: {audit_path}")
+    if d["remaining_facts"]:
+        console.print(f"[yellow]{len(d['remaining_facts'])} actionable issue(s) still detected on the whole set "
+                      "after this run[/]: " + ", ".join(f"{f['kind']}/{f.get('label') or 'model'}"
+                                                       for f in d["remaining_facts"]))
+    approvals = sorted({a["plan"]["intervention"] for t in d["treatments"] for a in t["attempts"]
+                        if a.get("result") == "needs_approval"})
+    if approvals:
+        console.print("[yellow]needs approval:[/] rerun with " + " ".join(f"--approve {n}" for n in approvals))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.approve and _check_approve(args.approve):
+        return EXIT_USAGE
+    bundle = load_model(args.model)
+    dataset = load_data(args)
+    policy = _load_policy(args.policy)
+    parent = load_model(args.parent) if args.parent else None
+    out_dir: Path = args.out
+    audit_path: Path = args.audit or out_dir.resolve().parent / "audit.db"
+    console.print(f"Triage of [bold]{escape(args.model.name)}[/] on {len(dataset)} images of {escape(str(args.data))} "
+                  f"(split {dataset.split}) under policy {escape(str(getattr(policy, 'name', args.policy)))}"
+                  + (" — dry run" if args.dry_run else ""))
+    with ExitStack() as stack, AuditStore(audit_path) as audit:
+        current: dict[str, Any] = {"stage": None, "cb": None}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage != current["stage"]:
+                stack.close()
+                current["stage"] = stage
+                current["cb"] = stack.enter_context(progress_task(stage, total or None))
+            current["cb"](done, total or None)
+
+        outcome = run_triage(bundle, dataset, policy, seed=args.seed, approve=args.approve, dry_run=args.dry_run,
+                             parent=parent, audit=audit, out_dir=out_dir, progress=progress,
+                             skip_bad=args.skip_bad)
+        stack.close()
+    render(outcome, out_dir=out_dir, audit_path=audit_path)
+    return outcome.exit_code

@@ -1,0 +1,77 @@
+"""Diagnostic monitors: labelled audit data in, typed issue facts out.
+
+One module per monitor, one registry (registry order is report order)::
+
+    from engine.monitors import MonitorConfig, MonitorContext, run_monitors
+    facts = run_monitors(MonitorContext(bundle, feature_set), MonitorConfig())
+
+The ``validity`` monitor always runs first: it reports non-finite outputs (``invalid_output``) and
+labels that cannot be assessed (``cannot_assess``), which the other monitors then skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.facts import IssueFact
+from engine.monitors.base import (
+    Monitor,
+    MonitorContext,
+    available_monitors,
+    get_monitor,
+    register_monitor,
+    run_memo,
+)
+from engine.monitors.config import MonitorConfig
+
+# Registration order = report order.
+from engine.monitors import validity  # noqa: E402,F401  isort: skip
+from engine.monitors import calibration_drift  # noqa: E402,F401  isort: skip
+from engine.monitors import fp_cluster  # noqa: E402,F401  isort: skip
+from engine.monitors import recall_collapse  # noqa: E402,F401  isort: skip
+from engine.monitors import auroc_drop  # noqa: E402,F401  isort: skip
+from engine.monitors import compression_fidelity  # noqa: E402,F401  isort: skip
+from engine.monitors import prevalence_shift  # noqa: E402,F401  isort: skip
+from engine.monitors import input_drift  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Monitor",
+    "MonitorConfig",
+    "MonitorContext",
+    "register_monitor",
+    "get_monitor",
+    "available_monitors",
+    "run_monitors",
+    "ALWAYS_RUN",
+]
+
+#: Monitors that run whatever ``names`` says: the others' results are conditional on them.
+ALWAYS_RUN = ("validity",)
+
+
+def run_monitors(ctx: MonitorContext, config: MonitorConfig | None = None,
+                 names: Sequence[str] | None = None) -> list[IssueFact]:
+    """Run the named monitors (default: all) and return their facts.
+
+    Order is deterministic: registry order, then the bundle's label order (model-wide facts first).
+    """
+    config = config if config is not None else MonitorConfig()
+    registry = available_monitors()
+    if names is not None:
+        unknown = [n for n in names if n not in registry]
+        if unknown:
+            raise ValueError(f"Unknown monitor(s) {unknown}; expected names from {', '.join(registry)}")
+    selected = [n for n in registry if names is None or n in names or n in ALWAYS_RUN]
+    label_order = {name: i for i, name in enumerate(ctx.bundle.labels)}
+    facts: list[IssueFact] = []
+    with run_memo():
+        for name in selected:
+            monitor = get_monitor(name)
+            if not monitor.enabled(config) and not any(
+                monitor.enabled(config.for_label(label)) for label in ctx.bundle.labels
+            ):
+                continue
+            found = monitor.run(ctx, config)
+            found.sort(key=lambda f: -1 if f.label is None else label_order.get(f.label, len(label_order)))
+            facts.extend(found)
+    return facts

@@ -1,0 +1,202 @@
+"""Calibration drift: the probabilities (and so the operating point) moved, the ranking did not.
+
+Three criteria per label, each robust to the noise of a handful of positives (here and in the
+small held-out part the reference was measured on):
+
+* **ECE**: this data's ECE, reweighted to the reference's class balance (label-shift importance
+  weights: a test split that merely holds more positives than the reference part is not drift)
+  and bootstrap bias-corrected, exceeds the reference ECE by ``ece_increase`` plus a one-sided
+  ``alpha`` margin whose standard error combines this data's bootstrap with the reference's
+  (the same spread scaled to the reference's size);
+* **operating point**: the Youden-J threshold on this data is at least ``threshold_shift`` away from
+  the deployed threshold, the deployed threshold costs at least ``min_j_loss`` of Youden's J against
+  the best threshold (bias-corrected lower bootstrap bound: J curves are often flat, so the Youden
+  threshold alone wanders by noise), and the AUROC is intact (>= ``min_auroc_ratio`` x reference):
+  an operating-point problem that re-thresholding can fix, not a ranking problem;
+* **threshold displacement**: the reference's false-positive rate at its threshold says where that
+  threshold sat in the negatives' logit distribution (a normal quantile, continuity-clipped, so a
+  31-image reference cannot claim more than ~2 SDs); on this data it sits
+  ``(logit(t) - median) / robust SD`` of the negatives' logits. Fires when the two differ by at
+  least ``max_threshold_displacement`` SDs: the scores moved wholesale against the threshold, as
+  after a new scanner, whichever way. Negatives only, so a prevalence shift does not move it.
+
+The fact carries ``auroc_intact``, ``youden_threshold``, ``deployed_threshold``, ``ece`` and ``auroc``:
+the rules allow "threshold only" treatments only while ranking is intact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import norm
+
+from engine.facts import IssueFact
+from engine.monitors.base import (
+    LabelData,
+    Monitor,
+    MonitorContext,
+    bootstrap_counts,
+    comparable,
+    iter_labels,
+    j_at,
+    logit,
+    register_monitor,
+    severity_for,
+    weighted_ece,
+    weighted_j_curve,
+)
+from engine.monitors.config import MonitorConfig
+from model.metrics import auroc, calibration_slope_intercept, expected_calibration_error, sigmoid, youden_threshold
+
+__all__ = ["CalibrationDriftMonitor"]
+
+_SECTION = "calibration_drift"
+
+
+def _prevalence_weights(y: np.ndarray, reference_prevalence: float | None) -> np.ndarray:
+    """Per-row weights that give this data the reference's class balance (ones when undefined)."""
+    prev = float(y.mean())
+    if reference_prevalence is None or not 0 < prev < 1 or not 0 < reference_prevalence < 1:
+        return np.ones(len(y))
+    return np.where(y == 1, reference_prevalence / prev, (1 - reference_prevalence) / (1 - prev))
+
+
+@register_monitor
+class CalibrationDriftMonitor(Monitor):
+    name = "calibration_drift"
+    kinds = ("calibration_drift",)
+    section = _SECTION
+
+    def run(self, ctx: MonitorContext, config: MonitorConfig) -> list[IssueFact]:
+        facts = []
+        shared: dict[tuple, np.ndarray] = {}  # one set of resamples for all labels (same rows)
+        for lab in iter_labels(ctx, config):
+            cfg = config.for_label(lab.name)
+            if not cfg.calibration_drift.enabled:
+                continue
+
+            def resamples(n_boot: int, n: int = len(lab.y)) -> np.ndarray:
+                key = (n, n_boot)
+                if key not in shared:
+                    shared[key] = bootstrap_counts(n, n_boot, [config.seed, 1])
+                return shared[key]
+
+            fact = self._check(lab, cfg, resamples)
+            if fact is not None:
+                facts.append(fact)
+        return facts
+
+    @staticmethod
+    def _displacement(lab: LabelData, cfg) -> dict[str, float] | None:
+        """Where the reference threshold sits among the negatives' logits, now vs at reference (SD units)."""
+        ref = lab.reference
+        fp, tn = ref.get("fp"), ref.get("tn")
+        neg = lab.logits[lab.y == 0]
+        if fp is None or tn is None or fp + tn < 1 or len(neg) < 2:
+            return None
+        n0 = fp + tn
+        t = float(ref.get("threshold") if ref.get("threshold") is not None else lab.threshold)
+        q_ref = min(max(fp / n0, 0.5 / n0), 1 - 0.5 / n0)
+        z_ref = float(norm.ppf(1 - q_ref))
+        q75, median, q25 = np.percentile(neg, [75, 50, 25])
+        scale = max((q75 - q25) / 1.349, cfg.min_logit_scale)
+        z_now = (logit(t) - median) / scale
+        return {"threshold_displacement_sd": float(z_now - z_ref), "fp_rate": float((sigmoid(neg) >= t).mean()),
+                "reference_fp_rate": float(fp / n0), "negatives_logit_median": float(median),
+                "negatives_logit_scale": float(scale)}
+
+    def _check(self, lab: LabelData, config: MonitorConfig, resamples) -> IssueFact | None:
+        cfg = config.calibration_drift
+        ref = lab.reference
+        y, p = lab.y, lab.probs
+        ece = expected_calibration_error(y, p, n_bins=cfg.n_bins)
+        auc = auroc(y, p)
+        youden = youden_threshold(y, p)
+        deployed = lab.threshold
+        ref_ece, ref_auc = ref.get("ece"), ref.get("auroc")
+        # "Ranking intact" needs AUROCs worth comparing (enough positives on both sides); else False.
+        reliable = comparable(lab, config)
+        auroc_intact = bool(reliable and ref_auc is not None and np.isfinite(auc) and auc >= cfg.min_auroc_ratio * ref_auc)
+        shift = youden - deployed
+
+        fired: dict[str, float] = {}
+        excess: list[tuple[float, float]] = []
+        measured: dict[str, object] = {}
+        counts = None
+        # ECE at the reference's class balance (label-shift importance weights), so that a test split
+        # that merely holds more or fewer positives than the small reference part does not count.
+        w = _prevalence_weights(y, ref.get("prevalence"))
+        ece_adj = float(weighted_ece(y, p, np.ones((1, len(y)), dtype=np.float32), cfg.n_bins, w)[0])
+        measured["ece_at_reference_prevalence"] = ece_adj
+        if ref_ece is not None and ece_adj - ref_ece >= cfg.ece_increase:
+            counts = resamples(cfg.n_boot)
+            boot = weighted_ece(y, p, counts, cfg.n_bins, w)
+            se = float(boot.std(ddof=1))
+            # the reference ECE is noisy too: same spread, scaled to its sample size
+            ref_n = ref.get("n")
+            se_ref = se * float(np.sqrt(len(y) / ref_n)) if ref_n else 0.0
+            ece_bc = float(2 * ece_adj - boot.mean())  # ECE is biased upwards; bootstrap bias correction
+            margin = float(norm.ppf(1 - cfg.alpha)) * float(np.hypot(se, se_ref))
+            measured.update(ece_bias_corrected=ece_bc, ece_margin=margin)
+            if ece_bc - ref_ece - cfg.ece_increase >= margin:
+                fired[f"{_SECTION}.ece_increase"] = cfg.ece_increase
+                excess.append((ece_adj - ref_ece, cfg.ece_increase))
+        if auroc_intact and abs(shift) >= cfg.threshold_shift:
+            values, j_point = weighted_j_curve(y, p, np.ones((1, len(y)), dtype=np.float32))
+            j_loss = float(np.nanmax(j_point[0]) - j_at(values, j_point, deployed)[0])
+            measured["j_loss"] = j_loss
+            if j_loss >= cfg.min_j_loss:
+                if counts is None:
+                    counts = resamples(cfg.n_boot)
+                _, j_boot = weighted_j_curve(y, p, counts)
+                j_boot = j_boot[np.isfinite(j_boot).all(axis=1)]  # resamples with both classes
+                loss_boot = j_boot.max(axis=1) - j_at(values, j_boot, deployed)
+                # basic bootstrap: the best threshold's J is optimistic on the data it was chosen on
+                j_loss_lower = float(2 * j_loss - np.quantile(loss_boot, 1 - cfg.alpha)) if len(loss_boot) else np.nan
+                measured["j_loss_lower"] = j_loss_lower
+                if j_loss_lower >= cfg.min_j_loss:
+                    fired[f"{_SECTION}.threshold_shift"] = cfg.threshold_shift
+                    fired[f"{_SECTION}.min_j_loss"] = cfg.min_j_loss
+                    fired[f"{_SECTION}.min_auroc_ratio"] = cfg.min_auroc_ratio
+                    excess.append((j_loss, cfg.min_j_loss))
+        disp = self._displacement(lab, cfg)
+        if disp is not None:
+            measured.update(disp)
+            if abs(disp["threshold_displacement_sd"]) >= cfg.max_threshold_displacement:
+                fired[f"{_SECTION}.max_threshold_displacement"] = cfg.max_threshold_displacement
+                excess.append((abs(disp["threshold_displacement_sd"]), cfg.max_threshold_displacement))
+        if not fired:
+            return None
+
+        slope, intercept = calibration_slope_intercept(y, lab.logits)
+        severity = max((severity_for(e, t, config) for e, t in excess), key=("medium", "high").index)
+        criteria = [c for c, key in (("ece", "ece_increase"), ("operating_point", "threshold_shift"),
+                                     ("threshold_displacement", "max_threshold_displacement"))
+                    if f"{_SECTION}.{key}" in fired]
+        parts = []
+        if "ece" in criteria:
+            parts.append(f"ECE {ece_adj:.3f} (at reference prevalence) vs reference {ref_ece:.3f}")
+        if "operating_point" in criteria:
+            parts.append(f"Youden threshold {youden:.3f} vs deployed {deployed:.3f}")
+        if "threshold_displacement" in criteria:
+            d = measured["threshold_displacement_sd"]
+            parts.append(f"negatives' scores moved {abs(d):.1f} SD {'below' if d > 0 else 'above'} the threshold "
+                         f"(FP rate {measured['fp_rate']:.2f} vs reference {measured['reference_fp_rate']:.2f})")
+        ranking = "ranking intact" if auroc_intact else "ranking NOT intact"
+        measured.update(
+            ece=ece, auroc=auc, auroc_intact=auroc_intact, youden_threshold=youden, deployed_threshold=deployed,
+            threshold_shift=shift, calibration_slope=slope, calibration_intercept=intercept,
+            mean_probability=float(p.mean()), prevalence=float(y.mean()), positives=lab.positives, n=len(y),
+            auroc_comparable=reliable,
+        )
+        return self.fact(
+            "calibration_drift",
+            label=lab.name,
+            severity=severity,
+            message=f"{lab.name}: calibration drifted ({'; '.join(parts)}; AUROC {auc:.3f} vs {ref_auc:.3f}, {ranking}).",
+            measured=measured,
+            reference={k: ref.get(k) for k in ("ece", "auroc", "calibration_slope", "calibration_intercept",
+                                                "youden_threshold", "threshold", "prevalence")},
+            threshold=fired,
+            evidence={"criteria": criteria, "auroc_intact": auroc_intact, "youden_threshold": youden,
+                      "deployed_threshold": deployed, "ece": ece, "auroc": auc},
+        )

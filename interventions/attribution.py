@@ -1,0 +1,245 @@
+"""Classifier-channel attribution on cached pooled features.
+
+A CheXNet-style head is one ``Linear`` on pooled, ReLU'd features, so a label's logit splits
+exactly into per-channel contributions ``w_kc * f_c`` plus the bias. That decomposition is what
+surgical zeroing searches over (which channels push a false-positive cluster over the threshold
+but not the true positives?) and what reports quote as "channels behind this finding". Everything
+here is numpy on the cached features: no backbone run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import InterventionError
+from model.bundle import Bundle
+from model.features import FeatureSet
+from model.labels import CHEXNET_LABELS
+
+__all__ = [
+    "classifier_layer",
+    "output_index",
+    "truth_index",
+    "classifier_row",
+    "logit_threshold",
+    "contributions",
+    "group_mean_contribution",
+    "top_channels",
+    "head_logits",
+    "check_features_match",
+    "evidence_channels",
+    "evidence_members",
+    "int_param",
+    "float_param",
+    "choice_param",
+    "resolve_params",
+    "finite_or_none",
+]
+
+
+def classifier_layer(bundle: Bundle) -> nn.Linear:
+    """The bundle's linear head; every architecture in this project exposes one as ``.classifier``."""
+    head = getattr(bundle.model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        raise InterventionError(
+            f"the model of architecture {bundle.meta.arch!r} has no linear '.classifier' head "
+            f"(found {type(head).__name__}); classifier-level interventions need one"
+        )
+    return head
+
+
+def output_index(bundle: Bundle, label: str) -> int:
+    """Column of ``label`` in the bundle's outputs (its classifier row)."""
+    if label not in bundle.labels:
+        raise InterventionError(f"label {label!r} is not an output of this model; outputs: {', '.join(bundle.labels)}")
+    return bundle.labels.index(label)
+
+
+def truth_index(label: str) -> int:
+    """Column of ``label`` in a dataset's 14-label ground truth (CheXNet order)."""
+    if label not in CHEXNET_LABELS:
+        raise InterventionError(f"label {label!r} has no ground truth in NIH data; known: {', '.join(CHEXNET_LABELS)}")
+    return CHEXNET_LABELS.index(label)
+
+
+def classifier_row(bundle: Bundle, label: str) -> tuple[int, np.ndarray, float]:
+    """``(row index, weight row (F,) float64, bias)`` of ``label``'s classifier output."""
+    head = classifier_layer(bundle)
+    k = output_index(bundle, label)
+    w = head.weight.detach().cpu().to(torch.float64)[k].numpy().copy()
+    b = float(head.bias.detach().cpu()[k]) if head.bias is not None else 0.0
+    return k, w, b
+
+
+def logit_threshold(prob_threshold: float) -> float:
+    """The logit at which ``sigmoid(logit) == prob_threshold`` (predictions are ``prob >= threshold``)."""
+    p = min(max(float(prob_threshold), 1e-12), 1.0 - 1e-12)
+    return math.log(p / (1.0 - p))
+
+
+def contributions(features: np.ndarray, weight_row: np.ndarray) -> np.ndarray:
+    """Per-sample, per-channel contribution ``w_c * f_ic`` to one logit: ``(N, F)`` float64.
+
+    The row sums plus the bias give the logits (up to float32 rounding of the model's own matmul).
+    """
+    features = np.asarray(features, dtype=np.float64)
+    weight_row = np.asarray(weight_row, dtype=np.float64)
+    if features.ndim != 2 or features.shape[1] != weight_row.shape[0]:
+        raise InterventionError(
+            f"features of shape {features.shape} do not match a classifier row of {weight_row.shape[0]} channels"
+        )
+    return features * weight_row[None, :]
+
+
+def group_mean_contribution(contrib: np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Mean contribution of each channel over ``rows`` (zeros for an empty group)."""
+    rows = np.asarray(rows, dtype=int)
+    if rows.size == 0:
+        return np.zeros(contrib.shape[1])
+    return contrib[rows].mean(axis=0)
+
+
+def top_channels(
+    contrib: np.ndarray, rows: Sequence[int] | np.ndarray, k: int = 10,
+    against: Sequence[int] | np.ndarray | None = None,
+) -> list[dict[str, float | int]]:
+    """The ``k`` channels contributing most to ``rows`` (minus their mean over ``against`` when given).
+
+    Ties are broken by channel index so the list is deterministic.
+    """
+    score = group_mean_contribution(contrib, rows)
+    base = group_mean_contribution(contrib, against) if against is not None else np.zeros_like(score)
+    diff = score - base
+    order = np.lexsort((np.arange(len(diff)), -diff))[:k]
+    return [{"channel": int(c), "contribution": float(score[c]), "reference": float(base[c]),
+             "difference": float(diff[c])} for c in order]
+
+
+@torch.no_grad()
+def head_logits(bundle: Bundle, features: np.ndarray) -> np.ndarray:
+    """Logits of the bundle's classifier on cached pooled features (float32, like the model)."""
+    head = classifier_layer(bundle)
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    return head(x.to(head.weight.device)).cpu().numpy()
+
+
+def check_features_match(bundle: Bundle, fit: FeatureSet, *, tol: float = 1e-3) -> None:
+    """Refuse features that were not computed by this bundle's backbone (a stale cache, a wrong model).
+
+    The classifier applied to the cached features must reproduce the cached logits.
+    """
+    head = classifier_layer(bundle)
+    if fit.features.ndim != 2 or fit.features.shape[1] != head.in_features:
+        raise InterventionError(
+            f"the fit split's features have shape {fit.features.shape}; the classifier expects "
+            f"{head.in_features} channels — features from another model?"
+        )
+    if len(fit) == 0:
+        raise InterventionError("the fit split is empty")
+    logits = head_logits(bundle, fit.features)
+    err = float(np.max(np.abs(logits - fit.logits) / (1.0 + np.abs(fit.logits))))
+    if not err <= tol:
+        raise InterventionError(
+            f"the fit split's cached logits differ from the classifier applied to its features (max relative "
+            f"error {err:.3g} > {tol}); the features were computed by another model"
+        )
+
+
+def evidence_channels(evidence: dict[str, Any]) -> list[int]:
+    """Channel indices from a fact's ``evidence.channels`` (ints, or dicts with 'channel'/'index')."""
+    out: list[int] = []
+    for item in evidence.get("channels") or []:
+        if isinstance(item, dict):
+            item = item.get("channel", item.get("index"))
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            out.append(int(item))
+    return out
+
+
+def evidence_members(evidence: dict[str, Any]) -> set[str]:
+    """Image ids of a fact's cluster (``evidence.member_ids``, or ``members``)."""
+    items = evidence.get("member_ids") or evidence.get("members") or []
+    return {str(m) for m in items}
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by None (records are canonical JSON, which forbids NaN)."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# --- policy parameters -------------------------------------------------------------------------
+# Shared by the plugins of this package: every one reads ``ctx.params`` (from the policy YAML)
+# against a spec of defaults and checks, and refuses unknown keys so that a typo in a policy is an
+# error with the key's name instead of a silently ignored setting.
+
+def int_param(lo: int | None = None, hi: int | None = None):
+    """Checker: an integer in [lo, hi]."""
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+                (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else "")
+            raise ValueError("an integer" + bounds)
+        return int(value)
+    return check
+
+
+def float_param(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
+    """Checker: a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    def check(value):
+        ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
+            and math.isfinite(float(value))
+        if ok and lo is not None:
+            ok = float(value) > lo if lo_open else float(value) >= lo
+        if ok and hi is not None:
+            ok = float(value) <= hi
+        if not ok:
+            bound = ""
+            if lo is not None:
+                bound += f" {'>' if lo_open else '>='} {lo}"
+            if hi is not None:
+                bound += f"{' and' if lo is not None else ''} <= {hi}"
+            raise ValueError("a number" + bound)
+        return float(value)
+    return check
+
+
+def choice_param(*options):
+    """Checker: one of ``options``."""
+    def check(value):
+        if value not in options:
+            raise ValueError("one of " + ", ".join(repr(o) for o in options))
+        return value
+    return check
+
+
+def resolve_params(plugin: str, params: dict, spec: dict) -> dict:
+    """``params`` checked against ``spec`` (``name -> (default, checker)``), defaults filled in."""
+    unknown = sorted(set(params) - set(spec))
+    if unknown:
+        raise InterventionError(f"{plugin}: unknown parameter(s) {unknown}; expected some of {sorted(spec)}")
+    out = {}
+    for key, (default, check) in spec.items():
+        value = params.get(key, default)
+        if value is None and default is None:
+            out[key] = None
+            continue
+        try:
+            out[key] = check(value)
+        except ValueError as exc:
+            raise InterventionError(
+                f"The '{key}' parameter of {plugin} must be {exc}. Got {value!r} instead.") from None
+    return out

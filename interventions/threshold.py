@@ -1,0 +1,231 @@
+"""Operating-threshold recalibration: the cheapest treatment when ranking is intact.
+
+A scanner or population shift often moves the logits of a label without changing their order
+(AUROC intact, sensitivity/specificity at the stored threshold off). Re-fitting the label's
+probability threshold on the *fit* split restores the operating point in well under a second,
+and touches no weight, so cached features stay valid. Three ways to choose the point:
+
+* ``youden`` (default): maximise sensitivity + specificity - 1;
+* ``fixed_sensitivity`` with ``target`` in (0, 1]: the highest threshold whose sensitivity on the
+  fit split is at least ``target`` (screening use);
+* ``cost_weighted`` with ``fn_cost``/``fp_cost`` > 0: minimise ``fn_cost*FN + fp_cost*FP``.
+
+``scope: label`` (default) changes only the fact's label; ``scope: all`` refits every label that
+has both classes in the fit split.
+
+Intercept recalibration. A scanner shift moves a label's logits; the calibration-drift monitor
+then fires on the operating point *and* on the ECE. A new threshold alone restores the decisions
+but leaves the displayed probabilities wrong, so the monitor would keep firing and the fix would
+fail verification. When the fact says the probabilities drifted (its fired keys include
+``calibration_drift.ece_increase``), the fact's label also gets a logit offset ``delta`` — the
+maximum-likelihood intercept with the slope fixed at 1 on the fit split (mean predicted
+probability = observed prevalence) — added to that label's classifier bias. One number per label,
+monotone (ranking and AUROC unchanged), features untouched; the threshold is then chosen on the
+recalibrated probabilities. Both steps are in the bundle's history (``shift_logit``,
+``set_threshold``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.errors import InterventionError
+from interventions.base import Intervention, InterventionResult, TreatmentContext, register
+from model.labels import CHEXNET_LABELS
+from model.metrics import confusion_at, expected_calibration_error, sigmoid, youden_threshold
+
+__all__ = ["ThresholdIntervention", "fit_threshold", "fit_logit_offset", "METHODS", "ECE_KEY"]
+
+METHODS = ("youden", "fixed_sensitivity", "cost_weighted")
+#: The policy key a calibration-drift fact names when its probabilities (not only its operating
+#: point) drifted; such facts also get an intercept recalibration.
+ECE_KEY = "calibration_drift.ece_increase"
+_EPS = 1e-6
+
+
+def fit_logit_offset(y: np.ndarray, logits: np.ndarray, *, max_iter: int = 100) -> float:
+    """Maximum-likelihood ``delta`` of ``P(y) = sigmoid(logit + delta)`` (slope fixed at 1).
+
+    At the optimum the mean predicted probability equals the prevalence. Newton's method on a
+    strictly concave 1-D likelihood; needs both classes (else the optimum is at infinity).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    x = np.asarray(logits, dtype=np.float64)
+    if y.min() == y.max():
+        raise InterventionError("a logit offset needs both positives and negatives in the fit split")
+    delta = 0.0
+    for _ in range(max_iter):
+        p = sigmoid(x + delta)
+        grad = float((p - y).sum())
+        hess = float((p * (1 - p)).sum())
+        if hess <= 1e-12:
+            break
+        step = max(-5.0, min(5.0, grad / hess))
+        delta -= step
+        if abs(step) < 1e-10:
+            break
+    return float(delta)
+
+
+def _clip(t: float) -> float:
+    return float(min(max(t, _EPS), 1.0 - _EPS))
+
+
+def fit_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden", **params: Any) -> float:
+    """Probability threshold for one label (predict positive when ``prob >= threshold``)."""
+    y = np.asarray(y).astype(bool)
+    probs = np.asarray(probs, dtype=np.float64)
+    if y.all() or not y.any():
+        raise InterventionError("a threshold needs both positives and negatives in the fit split")
+    if method == "youden":
+        return _clip(youden_threshold(y.astype(int), probs))
+    if method == "fixed_sensitivity":
+        target = float(params["target"])
+        pos = np.sort(probs[y])[::-1]
+        k = max(1, math.ceil(target * len(pos) - 1e-9))
+        return _clip(float(pos[min(k, len(pos)) - 1]))
+    if method == "cost_weighted":
+        fn_cost, fp_cost = float(params["fn_cost"]), float(params["fp_cost"])
+        order = np.argsort(-probs, kind="stable")
+        p_sorted, y_sorted = probs[order], y[order]
+        # Candidate thresholds: each distinct score (predict positive at and above it), plus "above all".
+        last_of_run = np.r_[p_sorted[1:] != p_sorted[:-1], True]
+        tp = np.cumsum(y_sorted)[last_of_run]
+        fp = np.cumsum(~y_sorted)[last_of_run]
+        thresholds = p_sorted[last_of_run]
+        n_pos = int(y.sum())
+        cost = fn_cost * (n_pos - tp) + fp_cost * fp
+        cost_none = fn_cost * n_pos  # threshold above every score
+        best = int(np.argmin(cost))  # first minimum = highest threshold among ties
+        if cost_none <= cost[best]:
+            return _clip(float(np.nextafter(p_sorted[0], np.inf)))
+        return _clip(float(thresholds[best]))
+    raise InterventionError(f"The 'method' parameter of threshold must be one of {', '.join(METHODS)}. "
+                            f"Got {method!r} instead.")
+
+
+def _check_params(params: dict[str, Any]) -> dict[str, Any]:
+    known = {"method", "target", "fn_cost", "fp_cost", "scope"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InterventionError(f"threshold: unknown parameter(s) {unknown}; expected some of {sorted(known)}")
+    method = params.get("method", "youden")
+    if method not in METHODS:
+        raise InterventionError(f"The 'method' parameter of threshold must be one of {', '.join(METHODS)}. "
+                                f"Got {method!r} instead.")
+    scope = params.get("scope", "label")
+    if scope not in ("label", "all"):
+        raise InterventionError(f"The 'scope' parameter of threshold must be 'label' or 'all'. Got {scope!r} instead.")
+    out: dict[str, Any] = {"method": method, "scope": scope}
+    if method == "fixed_sensitivity":
+        target = params.get("target")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+            raise InterventionError("The 'target' parameter of threshold (method fixed_sensitivity) must be a number "
+                                    f"in (0, 1]. Got {target!r} instead.")
+        out["target"] = float(target)
+    if method == "cost_weighted":
+        for key in ("fn_cost", "fp_cost"):
+            value = params.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
+                raise InterventionError(f"The '{key}' parameter of threshold (method cost_weighted) must be a "
+                                        f"positive number. Got {value!r} instead.")
+            out[key] = float(value)
+    return out
+
+
+def _truth_column(label: str) -> int | None:
+    return CHEXNET_LABELS.index(label) if label in CHEXNET_LABELS else None
+
+
+@register
+class ThresholdIntervention(Intervention):
+    """Refit per-label operating thresholds on the fit split (no weight changes)."""
+
+    name = "threshold"
+    treats = ("calibration_drift", "recall_collapse")
+    expected_time_s = 0.5
+    classifier_only = True
+
+    def _targets(self, ctx: TreatmentContext, scope: str) -> list[str]:
+        if scope == "all":
+            return [name for name in ctx.bundle.labels if _truth_column(name) is not None]
+        return [ctx.fact.label] if ctx.fact.label is not None else []
+
+    def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
+        ok, why = super().applicable(ctx)
+        if not ok:
+            return ok, why
+        try:
+            params = _check_params(dict(ctx.params))
+        except InterventionError as exc:
+            return False, str(exc)
+        targets = self._targets(ctx, params["scope"])
+        if not targets:
+            return False, "the fact names no label and scope is 'label'"
+        for label in targets:
+            if label not in ctx.bundle.labels or _truth_column(label) is None:
+                return False, f"label {label!r} is not an output of this model with ground truth in the data"
+        if params["scope"] == "label":
+            y = ctx.fit.labels[:, _truth_column(targets[0])]
+            if y.all() or not y.any():
+                return False, f"the fit split has only one class for {targets[0]} ({int(y.sum())}/{len(y)} positive)"
+        return True, f"threshold refits the {params['method']} operating point of {', '.join(targets)} on the fit split"
+
+    def _apply(self, ctx: TreatmentContext) -> InterventionResult:
+        params = _check_params(dict(ctx.params))
+        method = params["method"]
+        extra = {k: v for k, v in params.items() if k not in ("method", "scope")}
+        logits = np.asarray(ctx.fit.logits, dtype=np.float64).copy()
+        thresholds = list(ctx.bundle.meta.thresholds)
+        history = list(ctx.bundle.meta.history)
+        new_bundle = ctx.bundle.copy()
+        shifts: list[dict[str, Any]] = []
+        if ECE_KEY in ctx.fact.threshold and ctx.fact.label is not None:
+            label = ctx.fact.label
+            k_out = ctx.bundle.labels.index(label)
+            before_logits = logits[:, k_out].copy()
+            delta = fit_logit_offset(ctx.fit.labels[:, _truth_column(label)], before_logits)
+            with torch.no_grad():
+                new_bundle.model.classifier.bias[k_out] += delta
+            logits[:, k_out] = before_logits + delta
+            entry = {"op": "shift_logit", "label": label, "delta": delta, "reason": ECE_KEY}
+            history.append(entry)
+            shifts.append({"label": label, "delta": delta})
+        probs = sigmoid(logits)
+        old_probs = sigmoid(np.asarray(ctx.fit.logits, dtype=np.float64))
+        changed: list[dict[str, Any]] = []
+        fit_metrics: dict[str, Any] = {}
+        skipped: list[str] = []
+        for label in self._targets(ctx, params["scope"]):
+            k_out = ctx.bundle.labels.index(label)
+            y = ctx.fit.labels[:, _truth_column(label)]
+            if y.all() or not y.any():
+                if params["scope"] == "label":
+                    raise InterventionError(f"threshold: the fit split has only one class for {label}")
+                skipped.append(label)
+                continue
+            old = float(thresholds[k_out])
+            new = fit_threshold(y, probs[:, k_out], method, **extra)
+            thresholds[k_out] = new
+            entry = {"op": "set_threshold", "label": label, "old": old, "new": new, "method": method, **extra}
+            history.append(entry)
+            changed.append({"label": label, "old": old, "new": new})
+            before = confusion_at(y, old_probs[:, k_out], old)
+            after = confusion_at(y, probs[:, k_out], new)
+            fit_metrics[label] = {
+                "before": {"sensitivity": before["sensitivity"], "specificity": before["specificity"],
+                           "ece": expected_calibration_error(y, old_probs[:, k_out])},
+                "after": {"sensitivity": after["sensitivity"], "specificity": after["specificity"],
+                          "ece": expected_calibration_error(y, probs[:, k_out])},
+            }
+        if not changed:
+            raise InterventionError("threshold: no label had both classes in the fit split; nothing to refit")
+        new_bundle = new_bundle.with_meta(thresholds=thresholds, history=history,
+                                          parent_hash=ctx.bundle.content_hash())
+        changes = {"op": "set_threshold", "method": method, "scope": params["scope"], **extra,
+                   "thresholds": changed, "logit_shifts": shifts, "skipped_single_class": skipped}
+        return InterventionResult(bundle=new_bundle, changes=changes, fit_metrics=fit_metrics, classifier_only=True)

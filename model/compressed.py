@@ -1,0 +1,399 @@
+"""The pruned DenseNet: every consumer of a dense concatenation reads its own subset of channels.
+
+A DenseNet layer reads the concatenation of everything produced before it in its block. After
+channel pruning each *consumer* (a dense layer's ``norm1``/``conv1``, a transition, ``norm5`` plus
+the classifier) keeps only the input channels it still needs, and each *producer* (``conv0``, a
+layer's ``conv2``, a transition's ``conv``) only emits channels that some consumer still reads, so
+parameters, FLOPs and file size all shrink for real. The layout keeps torchvision's interface and
+module names: ``model.features`` is an ``nn.Sequential`` ending in ``norm5`` (a batch norm on the
+kept final channels, so ``features(x)`` is the pre-ReLU map Grad-CAM hooks), and
+``model.classifier`` is an ``nn.Linear`` on the pooled, ReLU'd features.
+
+Cost of the subsets: a consumer gathers its channels with ``index_select`` (one copy of the kept
+channels, ``k·H·W`` values per image, about ``1/mid`` of the following 1x1 convolution's
+multiply-adds) unless it reads a contiguous prefix, which is a free view. In inference mode a block
+writes every layer's output into one preallocated buffer instead of re-concatenating the growing
+list of feature maps at every layer as torchvision does.
+
+``arch_config`` (JSON in the bundle) is everything needed to rebuild the net::
+
+    {"in_channels": 3, "num_classes": 14, "stem": 64,
+     "blocks": [{"layers": [{"i": "0-63", "m": 128, "o": 32}, ...]}, ...],
+     "transitions": [{"i": "0-255", "o": 128}, ...],
+     "head": "0-1023"}
+
+``i`` is the consumer's kept input channels (positions in its block's physical concatenation:
+block input first, then each kept layer's outputs in order), run-length encoded as ``"a-b,c,..."``;
+``m`` a layer's bottleneck width (``conv1`` outputs), ``o`` its produced channels. A layer with
+``o == 0`` no longer exists (its name is skipped, the others keep torchvision's numbering).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import BundleError
+from model.densenet import register_arch
+
+__all__ = [
+    "ARCH_NAME",
+    "encode_index",
+    "decode_index",
+    "SubsetBatchNorm2d",
+    "PrunedDenseLayer",
+    "PrunedDenseBlock",
+    "PrunedTransition",
+    "PrunedDenseNet",
+    "build_pruned_densenet",
+    "config_from_densenet",
+    "from_densenet",
+    "as_pruned",
+    "block_input_widths",
+    "validate_config",
+    "to_json_config",
+]
+
+ARCH_NAME = "densenet_pruned"
+
+
+# --------------------------------------------------------------------------- index encoding
+def encode_index(index: Sequence[int]) -> str:
+    """Run-length text of a sorted list of channel positions: ``[0,1,2,5,7,8] -> "0-2,5,7-8"``."""
+    values = [int(v) for v in index]
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"channel index must be strictly increasing, got {values[:20]}")
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def decode_index(text: str | Sequence[int], *, where: str = "index") -> list[int]:
+    """Inverse of :func:`encode_index` (a plain list of ints is accepted too)."""
+    if not isinstance(text, str):
+        try:
+            out = [int(v) for v in text]
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: expected a run-length string or a list of ints, got {text!r}") from exc
+    else:
+        out = []
+        if text.strip():
+            for part in text.split(","):
+                try:
+                    if "-" in part:
+                        a, b = part.split("-")
+                        out.extend(range(int(a), int(b) + 1))
+                    else:
+                        out.append(int(part))
+                except ValueError as exc:
+                    raise BundleError(f"{where}: cannot parse {part!r} in channel index {text[:60]!r}") from exc
+    if any(b <= a for a, b in zip(out, out[1:])) or (out and out[0] < 0):
+        raise BundleError(f"{where}: channel index must be non-negative and strictly increasing")
+    return out
+
+
+# --------------------------------------------------------------------------- modules
+class SubsetBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm on a fixed subset of the input's channels (gathered first).
+
+    The index is rebuilt from ``arch_config`` and therefore not stored in the state dict.
+    """
+
+    def __init__(self, index: Sequence[int], in_width: int) -> None:
+        index = [int(i) for i in index]
+        super().__init__(len(index))
+        self.in_width = int(in_width)
+        self.prefix = index == list(range(len(index)))
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prefix:
+            return x if x.shape[1] == self.num_features else x[:, : self.num_features]
+        return x.index_select(1, self.index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return super().forward(self.gather(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, reads {self.num_features}/{self.in_width}"
+
+
+class PrunedDenseLayer(nn.Module):
+    """BN-ReLU-conv1x1 (bottleneck ``mid``) - BN-ReLU-conv3x3 (``out`` channels) on a channel subset."""
+
+    def __init__(self, index: Sequence[int], in_width: int, mid: int, out: int) -> None:
+        super().__init__()
+        self.norm1 = SubsetBatchNorm2d(index, in_width)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(len(index), mid, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(mid, out, kernel_size=3, stride=1, padding=1, bias=False)
+        self.in_width = int(in_width)
+        self.out_channels = int(out)
+
+    def bottleneck(self, concat: torch.Tensor) -> torch.Tensor:
+        """The pre-``norm2`` bottleneck map (``conv1`` output)."""
+        return self.conv1(self.relu1(self.norm1(concat)))
+
+    def forward(self, concat: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.conv2(self.relu2(self.norm2(self.bottleneck(concat))))
+
+
+class PrunedDenseBlock(nn.ModuleDict):
+    """A dense block whose layers append their outputs to one growing concatenation."""
+
+    def __init__(self, in_width: int, layers: Sequence[tuple[str, PrunedDenseLayer]]) -> None:
+        super().__init__(dict(layers))
+        self.in_width = int(in_width)
+        self.out_width = self.in_width + sum(layer.out_channels for layer in self.values())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if torch.is_grad_enabled():
+            # Autograd-friendly path (training, gradients for sensitivities): torchvision's list + cat.
+            features = [x]
+            for layer in self.values():
+                features.append(layer(torch.cat(features, 1)))
+            return torch.cat(features, 1)
+        n, _, h, w = x.shape
+        buf = x.new_empty((n, self.out_width, h, w))
+        buf[:, : self.in_width] = x
+        pos = self.in_width
+        for layer in self.values():
+            buf[:, pos : pos + layer.out_channels] = layer(buf[:, :pos])
+            pos += layer.out_channels
+        return buf
+
+
+class PrunedTransition(nn.Sequential):
+    """BN-ReLU-conv1x1-avgpool on a channel subset of the block output."""
+
+    def __init__(self, index: Sequence[int], in_width: int, out: int) -> None:
+        super().__init__()
+        self.add_module("norm", SubsetBatchNorm2d(index, in_width))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", nn.Conv2d(len(index), out, kernel_size=1, stride=1, bias=False))
+        self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
+
+
+class PrunedDenseNet(nn.Module):
+    """torchvision-compatible DenseNet built from a pruned ``arch_config`` (see the module docstring)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        cfg = validate_config(config)
+        self.config = cfg
+        stem = cfg["stem"]
+        features = nn.Sequential()
+        features.add_module("conv0", nn.Conv2d(cfg["in_channels"], stem, kernel_size=7, stride=2, padding=3, bias=False))
+        features.add_module("norm0", nn.BatchNorm2d(stem))
+        features.add_module("relu0", nn.ReLU(inplace=True))
+        features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        width = stem
+        for b, block in enumerate(cfg["blocks"]):
+            layers = []
+            pos = width
+            for j, layer in enumerate(block["layers"]):
+                if layer["o"] > 0:
+                    layers.append((f"denselayer{j + 1}", PrunedDenseLayer(layer["idx"], pos, layer["m"], layer["o"])))
+                    pos += layer["o"]
+            features.add_module(f"denseblock{b + 1}", PrunedDenseBlock(width, layers))
+            if b < len(cfg["transitions"]):
+                t = cfg["transitions"][b]
+                features.add_module(f"transition{b + 1}", PrunedTransition(t["idx"], pos, t["o"]))
+                width = t["o"]
+            else:
+                width = pos
+        features.add_module("norm5", SubsetBatchNorm2d(cfg["head_idx"], width))
+        self.features = features
+        self.classifier = nn.Linear(len(cfg["head_idx"]), cfg["num_classes"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = F.relu(self.features(x))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.classifier(out)
+
+    # Helpers used by compression (not needed for inference).
+    def blocks(self) -> list[PrunedDenseBlock]:
+        return [m for m in self.features if isinstance(m, PrunedDenseBlock)]
+
+    def transitions(self) -> list[PrunedTransition]:
+        return [m for m in self.features if isinstance(m, PrunedTransition)]
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class _Where:
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _int(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BundleError(f"densenet_pruned config: {where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check a ``densenet_pruned`` config; returns it normalised (indices decoded under ``idx``/``head_idx``)."""
+    if not isinstance(config, dict):
+        raise BundleError(f"densenet_pruned config must be a JSON object, got {type(config).__name__}")
+    required = {"in_channels", "num_classes", "stem", "blocks", "transitions", "head"}
+    missing = required - set(config)
+    unknown = set(config) - required
+    if missing or unknown:
+        raise BundleError(f"densenet_pruned config: missing key(s) {sorted(missing)}, unknown key(s) {sorted(unknown)}; "
+                          f"expected {sorted(required)}")
+    out: dict[str, Any] = {
+        "in_channels": _int(config["in_channels"], "in_channels", 1),
+        "num_classes": _int(config["num_classes"], "num_classes", 1),
+        "stem": _int(config["stem"], "stem", 1),
+    }
+    blocks, transitions = config["blocks"], config["transitions"]
+    if not isinstance(blocks, list) or not blocks:
+        raise BundleError("densenet_pruned config: 'blocks' must be a non-empty list")
+    if not isinstance(transitions, list) or len(transitions) != len(blocks) - 1:
+        raise BundleError(f"densenet_pruned config: expected {len(blocks) - 1} transitions for {len(blocks)} blocks, "
+                          f"got {len(transitions) if isinstance(transitions, list) else transitions!r}")
+    width = out["stem"]
+    out_blocks, out_trans = [], []
+    for b, block in enumerate(blocks):
+        if not isinstance(block, dict) or not isinstance(block.get("layers"), list):
+            raise BundleError(f"densenet_pruned config: blocks[{b}] must be an object with a 'layers' list")
+        pos = width
+        layers = []
+        for j, layer in enumerate(block["layers"]):
+            where = f"blocks[{b}].layers[{j}]"
+            if not isinstance(layer, dict) or set(layer) != {"i", "m", "o"}:
+                raise BundleError(f"densenet_pruned config: {where} must have exactly the keys i, m, o")
+            o = _int(layer["o"], f"{where}.o", 0)
+            idx = decode_index(layer["i"], where=f"densenet_pruned config {where}.i") if o > 0 else []
+            m = _int(layer["m"], f"{where}.m", 1) if o > 0 else _int(layer["m"], f"{where}.m", 0)
+            if o > 0:
+                if not idx:
+                    raise BundleError(f"densenet_pruned config: {where} reads no channel")
+                if idx[-1] >= pos:
+                    raise BundleError(f"densenet_pruned config: {where} reads channel {idx[-1]} but only {pos} exist there")
+            layers.append({"i": layer["i"], "idx": idx, "m": m, "o": o})
+            pos += o
+        out_blocks.append({"layers": layers})
+        if b < len(blocks) - 1:
+            t = transitions[b]
+            where = f"transitions[{b}]"
+            if not isinstance(t, dict) or set(t) != {"i", "o"}:
+                raise BundleError(f"densenet_pruned config: {where} must have exactly the keys i, o")
+            idx = decode_index(t["i"], where=f"densenet_pruned config {where}.i")
+            if not idx or idx[-1] >= pos:
+                raise BundleError(f"densenet_pruned config: {where} must read channels among the {pos} of block {b + 1}")
+            out_trans.append({"i": t["i"], "idx": idx, "o": _int(t["o"], f"{where}.o", 1)})
+            width = out_trans[-1]["o"]
+        else:
+            width = pos
+    head = decode_index(config["head"], where="densenet_pruned config head")
+    if not head or head[-1] >= width:
+        raise BundleError(f"densenet_pruned config: 'head' must read channels among the {width} final ones")
+    out.update(blocks=out_blocks, transitions=out_trans, head_idx=head, head=config["head"])
+    return out
+
+
+def to_json_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The compact JSON form of a normalised config (drops decoded index lists)."""
+    return {
+        "in_channels": cfg["in_channels"],
+        "num_classes": cfg["num_classes"],
+        "stem": cfg["stem"],
+        "blocks": [{"layers": [{"i": encode_index(l["idx"]), "m": l["m"], "o": l["o"]} for l in b["layers"]]}
+                   for b in cfg["blocks"]],
+        "transitions": [{"i": encode_index(t["idx"]), "o": t["o"]} for t in cfg["transitions"]],
+        "head": encode_index(cfg["head_idx"]),
+    }
+
+
+def block_input_widths(cfg: dict[str, Any]) -> list[int]:
+    """Physical width of each block's input (stem or previous transition output)."""
+    widths = [cfg["stem"]]
+    for t in cfg["transitions"]:
+        widths.append(t["o"])
+    return widths
+
+
+def build_pruned_densenet(config: dict[str, Any]) -> PrunedDenseNet:
+    """Registered builder for ``arch="densenet_pruned"``."""
+    return PrunedDenseNet(config)
+
+
+register_arch(ARCH_NAME, build_pruned_densenet)
+
+
+# --------------------------------------------------------------------------- conversion
+def _densenet_parts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    return iter(model.features.named_children())
+
+
+def config_from_densenet(model: nn.Module) -> dict[str, Any]:
+    """The full (nothing pruned) ``densenet_pruned`` config of a torchvision-style DenseNet."""
+    feats = getattr(model, "features", None)
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(feats, nn.Sequential) or not isinstance(classifier, nn.Linear) or not hasattr(feats, "conv0"):
+        raise BundleError("not a DenseNet: expected .features (nn.Sequential with conv0 ... norm5) and a Linear .classifier")
+    stem = feats.conv0.out_channels
+    blocks, transitions = [], []
+    width = stem
+    for name, module in _densenet_parts(model):
+        if name.startswith("denseblock"):
+            layers = []
+            pos = width
+            for lname, layer in module.items():
+                mid = layer.conv1.out_channels
+                out = layer.conv2.out_channels
+                if layer.conv1.in_channels != pos:
+                    raise BundleError(f"not a plain DenseNet: {name}.{lname} reads {layer.conv1.in_channels} channels, "
+                                      f"expected {pos}")
+                layers.append({"i": f"0-{pos - 1}", "m": mid, "o": out})
+                pos += out
+            blocks.append({"layers": layers})
+            width = pos
+        elif name.startswith("transition"):
+            out = module.conv.out_channels
+            transitions.append({"i": f"0-{width - 1}", "o": out})
+            width = out
+    if not blocks:
+        raise BundleError("not a DenseNet: no denseblock in .features")
+    return {"in_channels": feats.conv0.in_channels, "num_classes": classifier.out_features, "stem": stem,
+            "blocks": blocks, "transitions": transitions, "head": f"0-{width - 1}"}
+
+
+def from_densenet(model: nn.Module) -> PrunedDenseNet:
+    """A ``PrunedDenseNet`` with full channel sets and the weights of a torchvision-style DenseNet."""
+    net = PrunedDenseNet(config_from_densenet(model))
+    state = model.state_dict()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("index")]
+    if missing or unexpected:
+        raise BundleError(f"DenseNet weights do not map onto the pruned layout (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    net.train(model.training)
+    return net
+
+
+def as_pruned(model: nn.Module, arch: str, config: dict[str, Any]) -> tuple[PrunedDenseNet, dict[str, Any]]:
+    """Any DenseNet bundle model as a ``PrunedDenseNet`` plus its (JSON) config; others raise BundleError."""
+    if arch == ARCH_NAME and isinstance(model, PrunedDenseNet):
+        return model, to_json_config(model.config)
+    if arch == "densenet":
+        net = from_densenet(model)
+        return net, to_json_config(net.config)
+    raise BundleError(f"compression needs a DenseNet bundle (arch 'densenet' or '{ARCH_NAME}'), got arch {arch!r}")

@@ -1,0 +1,697 @@
+"""The treatment policy: a machine-readable change-control plan, validated on load.
+
+A policy says which modifications of the deployed model are allowed (``treatments``: which
+intervention may treat which kind of issue, under which ``conditions``), what each costs
+(``costs``, with ``expected_time_s`` as the tie-break), how a change is verified (``acceptance``,
+on the held-out share set by ``verification``), which changes a human must approve
+(``approval``), how much a run may spend (``budget``), how each intervention is parameterised
+(``params``), what the monitors alarm on (``monitors``) and how any of these differ for one
+label (``labels``). In FDA terms it is a predetermined change control
+plan; its ``content_hash`` goes into every audit record so a regulator can tell which plan a
+decision was made under.
+
+Why so strict: a typo in a policy must never silently fall back to a default. Every mapping
+forbids unknown keys, numbers are not coerced from strings or booleans, intervention names and
+issue kinds are checked against what exists, and YAML with duplicate keys is refused. Errors name
+the file and the key path, pre-commit style::
+
+    policies/x.yaml: ==> At key: costs ==> At key: zeroing: must be a number >= 0, got -1
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from engine.errors import PolicyError
+from engine.facts import ACTIONABLE_KINDS, FACT_KINDS
+from engine.monitors.config import MonitorConfig
+from engine.storage import canonical_json, sha256_bytes
+from model.labels import CHEXNET_LABELS, XRV_LABELS
+
+__all__ = [
+    "BUILTIN_INTERVENTIONS",
+    "NO_ACTION",
+    "DEFAULT_COSTS",
+    "DEFAULT_EXPECTED_TIME_S",
+    "DEFAULT_TREATMENTS",
+    "known_interventions",
+    "ApprovalConfig",
+    "BudgetConfig",
+    "AcceptanceConfig",
+    "VerificationConfig",
+    "ThresholdConditions",
+    "ZeroingConditions",
+    "PartialRetrainConditions",
+    "FReoptConditions",
+    "ConditionsConfig",
+    "ThresholdParams",
+    "LabelOverride",
+    "Policy",
+    "load_policy",
+    "parse_policy",
+    "policy_from_dict",
+    "format_validation_error",
+]
+
+#: Interventions shipped with the tool (plugins may add more through the registry).
+BUILTIN_INTERVENTIONS: tuple[str, ...] = (
+    "threshold",
+    "zeroing",
+    "partial_retrain",
+    "f_reopt",
+    "augmentation",
+    "full_retrain",
+)
+#: Pseudo-intervention: leave the model alone and escalate to a human.
+NO_ACTION = "no_action"
+
+#: The paper's empirical cost matrix (arbitrary units; only the order and ties matter).
+DEFAULT_COSTS: dict[str, float] = {
+    NO_ACTION: 0.0,
+    "threshold": 1.0,
+    "zeroing": 2.0,
+    "partial_retrain": 2.0,
+    "f_reopt": 3.0,
+    "augmentation": 8.0,
+    "full_retrain": 10.0,
+}
+#: Typical wall time on this tool's reference set-up (cached pooled features; DenseNet121 on one
+#: GPU for backbone work). Only the tie-break after cost, so realistic orders of magnitude suffice.
+DEFAULT_EXPECTED_TIME_S: dict[str, float] = {
+    NO_ACTION: 0.0,
+    "threshold": 0.5,  # a sort of the fit split's probabilities
+    "zeroing": 3.0,  # attribution on cached features + a few masked evaluations
+    "partial_retrain": 10.0,  # classifier epochs on cached features
+    "f_reopt": 600.0,  # re-optimising the compressed backbone against its parent: minutes
+    "augmentation": 2 * 3600.0,  # backbone fine-tuning on augmented images: hours
+    "full_retrain": 8 * 3600.0,  # DenseNet121 from ImageNet weights on the training set: hours
+}
+#: Which intervention may treat which issue kind (the order here is documentation only: the
+#: selection orders candidates by cost, expected time and name).
+DEFAULT_TREATMENTS: dict[str, tuple[str, ...]] = {
+    "calibration_drift": ("threshold", "partial_retrain", "augmentation", "full_retrain"),
+    "fp_cluster": ("zeroing", "partial_retrain", "augmentation", "full_retrain"),
+    "recall_collapse": ("threshold", "partial_retrain", "augmentation", "full_retrain"),
+    "auroc_drop": ("partial_retrain", "augmentation", "full_retrain"),
+    "compression_fidelity": ("f_reopt", "full_retrain"),
+}
+
+_KNOWN_LABELS: tuple[str, ...] = tuple(dict.fromkeys(CHEXNET_LABELS + XRV_LABELS))
+
+
+# -- name checks --------------------------------------------------------------------------------
+
+def known_interventions() -> tuple[str, ...]:
+    """Built-in names plus every registered plugin (entry points included), sorted."""
+    from interventions.base import available_interventions
+
+    return tuple(sorted(set(BUILTIN_INTERVENTIONS) | set(available_interventions())))
+
+
+def _plugin_expected_time(name: str) -> float | None:
+    from interventions.base import available_interventions
+
+    cls = available_interventions().get(name)
+    value = getattr(cls, "expected_time_s", None) if cls is not None else None
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else None
+
+
+def _check_intervention(name: str) -> str:
+    if name == NO_ACTION:
+        return name
+    known = known_interventions()
+    if name not in known:
+        raise ValueError(f"unknown intervention {name!r} (expected one of: {', '.join(known)}, {NO_ACTION})")
+    return name
+
+
+def _check_treatment(name: str) -> str:
+    if name == NO_ACTION:
+        raise ValueError(f"{NO_ACTION!r} is not a treatment: a fact that no rule can treat is escalated "
+                         "automatically")
+    return _check_intervention(name)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in FACT_KINDS:
+        raise ValueError(f"unknown issue kind {kind!r} (expected one of: {', '.join(ACTIONABLE_KINDS)})")
+    if kind not in ACTIONABLE_KINDS:
+        raise ValueError(f"issue kind {kind!r} is informational and cannot be treated "
+                         f"(treatable kinds: {', '.join(ACTIONABLE_KINDS)})")
+    return kind
+
+
+def _check_label(label: str) -> str:
+    if label not in _KNOWN_LABELS:
+        raise ValueError(f"unknown label {label!r} (expected one of: {', '.join(_KNOWN_LABELS)})")
+    return label
+
+
+def _version_to_str(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+InterventionName = Annotated[str, AfterValidator(_check_intervention)]
+TreatmentName = Annotated[str, AfterValidator(_check_treatment)]
+IssueKind = Annotated[str, AfterValidator(_check_kind)]
+LabelName = Annotated[str, AfterValidator(_check_label)]
+Cost = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class _Located(ValueError):
+    """A validation problem found after the fields were parsed, with the key path it belongs to."""
+
+    def __init__(self, problems: Sequence[tuple[tuple[str | int, ...], str]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
+        self.problems = list(problems)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+class ApprovalConfig(_Strict):
+    """Changes costlier than ``auto_max_cost`` are planned but applied only with ``--approve NAME``."""
+
+    auto_max_cost: Cost = 3.0
+
+
+class BudgetConfig(_Strict):
+    """Caps on one triage run, so escalation cannot loop or run up hours of retraining unnoticed."""
+
+    max_attempts_per_issue: int = Field(3, ge=1)
+    max_total_cost: Cost = 20.0
+
+
+class VerificationConfig(_Strict):
+    """How the audited data is split for treating and verifying (the split is patient-disjoint)."""
+
+    #: Share of the patients held out as the verify split (the rest is the fit split).
+    verify_fraction: float = Field(0.5, gt=0, lt=1)
+
+
+class AcceptanceConfig(_Strict):
+    """What a treated model must show on the held-out verify split (fields match ``engine.verify.Acceptance``)."""
+
+    #: Largest AUROC drop allowed on any label other than the treated one.
+    max_other_auroc_change: float = Field(0.01, ge=0, le=1)
+    #: None: the issue must be gone. Otherwise the least relative improvement of its distance from
+    #: the reference that still counts as treated.
+    min_improvement: float | None = Field(None, gt=0, le=1)
+    #: Most true positives the treated label may lose (treatments of false positives).
+    max_tp_lost: int = Field(0, ge=0)
+    #: New actionable issues on other labels a treatment may introduce.
+    max_new_issues: int = Field(0, ge=0)
+
+    def to_verify(self) -> Any:
+        """The same limits as the ``engine.verify.Acceptance`` the verifier takes."""
+        from engine.verify import Acceptance
+
+        return Acceptance(**self.model_dump())
+
+
+class ThresholdConditions(_Strict):
+    #: Ranking counts as intact (so moving the operating point can help) when the monitor says so,
+    #: or else when AUROC >= this times the reference AUROC.
+    min_auroc_ratio: float = Field(0.95, gt=0, le=1)
+
+
+class ZeroingConditions(_Strict):
+    #: Zeroing is proposed only when at most this many classifier channels explain the FP cluster.
+    max_channels: int = Field(10, ge=1)
+
+
+class PartialRetrainConditions(_Strict):
+    #: Retraining the classifier needs at least this many labelled positives of the label.
+    min_positives: int = Field(10, ge=1)
+
+
+class FReoptConditions(_Strict):
+    #: Re-optimising against the parent needs a bundle with a compression history.
+    require_compression_history: bool = True
+
+
+class ConditionsConfig(_Strict):
+    """Applicability conditions of the rules (the rule *parameters*; the rules live in ``rules.ruleset``)."""
+
+    threshold: ThresholdConditions = ThresholdConditions()
+    zeroing: ZeroingConditions = ZeroingConditions()
+    partial_retrain: PartialRetrainConditions = PartialRetrainConditions()
+    f_reopt: FReoptConditions = FReoptConditions()
+
+
+class ThresholdParams(_Strict):
+    """Parameters of the ``threshold`` intervention (validated here so a bad method fails at load time)."""
+
+    method: Literal["youden", "fixed_sensitivity", "cost_weighted"] = "youden"
+    target: float | None = Field(None, gt=0, le=1)
+    fn_cost: float | None = Field(None, gt=0)
+    fp_cost: float | None = Field(None, gt=0)
+    scope: Literal["label", "all"] = "label"
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> "ThresholdParams":
+        if self.method == "fixed_sensitivity" and self.target is None:
+            raise _Located([(("target",), "required when method is fixed_sensitivity (a sensitivity in (0, 1])")])
+        if self.method == "cost_weighted":
+            missing = [k for k in ("fn_cost", "fp_cost") if getattr(self, k) is None]
+            if missing:
+                raise _Located([((k,), "required when method is cost_weighted (a positive number)")
+                                for k in missing])
+        return self
+
+
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "threshold": {"method": "youden"},
+    "zeroing": {"max_channels": 10},
+}
+
+
+class LabelOverride(_Strict):
+    """Per-label changes; each section is merged onto the policy-wide one."""
+
+    costs: dict[InterventionName, Cost] = Field(default_factory=dict)
+    acceptance: dict[str, JsonValue] = Field(default_factory=dict)
+    conditions: dict[str, JsonValue] = Field(default_factory=dict)
+    params: dict[InterventionName, dict[str, JsonValue]] = Field(default_factory=dict)
+    monitors: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+def _merge_defaults(defaults: Mapping[str, Any]):
+    def merge(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {**defaults, **value}
+        return value
+
+    return merge
+
+
+def _deep_merge(base: Mapping[str, Any], change: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class Policy(_Strict):
+    """A validated policy. Build it with :func:`load_policy` (or :func:`policy_from_dict`)."""
+
+    name: str = Field(min_length=1)
+    version: Annotated[str, BeforeValidator(_version_to_str)] = "1"
+    description: str = ""
+    #: Cost of each intervention (merged onto :data:`DEFAULT_COSTS`).
+    costs: Annotated[dict[InterventionName, Cost], BeforeValidator(_merge_defaults(DEFAULT_COSTS))] = Field(
+        default_factory=lambda: dict(DEFAULT_COSTS))
+    #: Typical wall time in seconds (merged onto :data:`DEFAULT_EXPECTED_TIME_S`); the tie-break.
+    expected_time_s: Annotated[dict[InterventionName, Seconds],
+                               BeforeValidator(_merge_defaults(DEFAULT_EXPECTED_TIME_S))] = Field(
+        default_factory=lambda: dict(DEFAULT_EXPECTED_TIME_S))
+    #: Issue kind -> interventions allowed to treat it (kinds not given keep their defaults).
+    treatments: Annotated[dict[IssueKind, list[TreatmentName]],
+                          BeforeValidator(_merge_defaults({k: list(v) for k, v in DEFAULT_TREATMENTS.items()}))] = (
+        Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TREATMENTS.items()}))
+    conditions: ConditionsConfig = ConditionsConfig()
+    acceptance: AcceptanceConfig = AcceptanceConfig()
+    verification: VerificationConfig = VerificationConfig()
+    approval: ApprovalConfig = ApprovalConfig()
+    budget: BudgetConfig = BudgetConfig()
+    #: Intervention -> parameters passed to it (merged per intervention onto the defaults).
+    params: Annotated[dict[InterventionName, dict[str, JsonValue]],
+                      BeforeValidator(_merge_defaults(DEFAULT_PARAMS))] = Field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_PARAMS))
+    labels: dict[LabelName, LabelOverride] = Field(default_factory=dict)
+    monitors: MonitorConfig = MonitorConfig()
+
+    _source_path: Path | None = PrivateAttr(None)
+    _hash: str | None = PrivateAttr(None)
+    _label_acceptance: dict[str, AcceptanceConfig] = PrivateAttr(default_factory=dict)
+    _label_conditions: dict[str, ConditionsConfig] = PrivateAttr(default_factory=dict)
+    _label_params: dict[str, dict[str, dict[str, Any]]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("treatments")
+    @classmethod
+    def _no_duplicates(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        problems = []
+        for kind, names in value.items():
+            seen: set[str] = set()
+            for i, name in enumerate(names):
+                if name in seen:
+                    problems.append(((kind, i), f"{name!r} is listed twice"))
+                seen.add(name)
+        if problems:
+            raise _Located(problems)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_plugin_times(cls, data: Any) -> Any:
+        """Plugins named in treatments get their class's ``expected_time_s`` unless the policy sets one."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("treatments"), Mapping):
+            return data
+        given = data.get("expected_time_s") if isinstance(data.get("expected_time_s"), Mapping) else None
+        if "expected_time_s" in data and given is None:
+            return data
+        times = dict(given or {})
+        for names in data["treatments"].values():
+            if not isinstance(names, list):
+                continue
+            for name in names:
+                if isinstance(name, str) and name not in times and name not in DEFAULT_EXPECTED_TIME_S:
+                    plugin_time = _plugin_expected_time(name) if name in known_interventions() else None
+                    if plugin_time is not None:
+                        times[name] = plugin_time
+        if times or given is not None:
+            data = {**data, "expected_time_s": times}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Policy":
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for kind, names in self.treatments.items():
+            for i, name in enumerate(names):
+                if name not in self.costs:
+                    problems.append((("treatments", kind, i), f"intervention {name!r} has no cost; add costs.{name}"))
+                if name not in self.expected_time_s:
+                    problems.append((("treatments", kind, i),
+                                     f"intervention {name!r} has no expected time; add expected_time_s.{name}"))
+        for name, p in self.params.items():
+            if name == "threshold":
+                problems += _validate_into(ThresholdParams, p, ("params", "threshold"))
+        base_acceptance = self.acceptance.model_dump()
+        base_conditions = self.conditions.model_dump()
+        monitor_overrides = dict(self.monitors.overrides)
+        for label, override in self.labels.items():
+            where = ("labels", label)
+            for name in override.costs:
+                if name not in self.costs:
+                    problems.append((where + ("costs", name), f"intervention {name!r} has no policy-wide cost"))
+            acc = _validate_into(AcceptanceConfig, _deep_merge(base_acceptance, override.acceptance),
+                                 where + ("acceptance",))
+            problems += acc
+            if not acc:
+                self._label_acceptance[label] = AcceptanceConfig.model_validate(
+                    _deep_merge(base_acceptance, override.acceptance))
+            cond = _validate_into(ConditionsConfig, _deep_merge(base_conditions, override.conditions),
+                                  where + ("conditions",))
+            problems += cond
+            if not cond:
+                self._label_conditions[label] = ConditionsConfig.model_validate(
+                    _deep_merge(base_conditions, override.conditions))
+            merged_params = {k: dict(v) for k, v in self.params.items()}
+            for name, change in override.params.items():
+                merged_params[name] = _deep_merge(merged_params.get(name, {}), change)
+                if name == "threshold":
+                    problems += _validate_into(ThresholdParams, merged_params[name], where + ("params", "threshold"))
+            self._label_params[label] = merged_params
+            if override.monitors:
+                if label in monitor_overrides:
+                    problems.append((where + ("monitors",), f"monitors.overrides.{label} is also set; give the "
+                                     "label's monitor changes in one place"))
+                    continue
+                base = self.monitors.model_dump()
+                base["overrides"] = {}
+                mon = _validate_into(MonitorConfig, _deep_merge(base, override.monitors), where + ("monitors",))
+                problems += mon
+                if not mon:
+                    monitor_overrides[label] = dict(override.monitors)
+        if problems:
+            raise _Located(problems)
+        if monitor_overrides != self.monitors.overrides:
+            data = self.monitors.model_dump()
+            data["overrides"] = monitor_overrides
+            # Frozen model: set the resolved section once, during validation.
+            object.__setattr__(self, "monitors", MonitorConfig.model_validate(data))
+        return self
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of the validated policy (the file's formatting does not matter)."""
+        if self._hash is None:
+            self._hash = sha256_bytes(canonical_json(self.model_dump(mode="json")))
+        return self._hash
+
+    @property
+    def source_path(self) -> Path | None:
+        """The file this policy was loaded from (None when built from a mapping)."""
+        return self._source_path
+
+    # -- lookups ------------------------------------------------------------------------------
+    def cost(self, intervention: str, label: str | None = None) -> float:
+        """Cost of ``intervention`` for ``label`` (the label's override, else the policy-wide cost)."""
+        if label is not None and label in self.labels and intervention in self.labels[label].costs:
+            return float(self.labels[label].costs[intervention])
+        if intervention not in self.costs:
+            raise PolicyError(f"policy {self.name!r} has no cost for intervention {intervention!r}; "
+                              f"costs are given for: {', '.join(self.costs)}")
+        return float(self.costs[intervention])
+
+    def expected_time(self, intervention: str) -> float:
+        if intervention not in self.expected_time_s:
+            raise PolicyError(f"policy {self.name!r} has no expected time for intervention {intervention!r}")
+        return float(self.expected_time_s[intervention])
+
+    def treatments_for(self, kind: str) -> tuple[str, ...]:
+        return tuple(self.treatments.get(kind, ()))
+
+    def needs_approval(self, cost: float) -> bool:
+        return cost > self.approval.auto_max_cost
+
+    def acceptance_for(self, label: str | None) -> AcceptanceConfig:
+        return self._label_acceptance.get(label, self.acceptance) if label is not None else self.acceptance
+
+    def conditions_for(self, label: str | None) -> ConditionsConfig:
+        return self._label_conditions.get(label, self.conditions) if label is not None else self.conditions
+
+    def params_for(self, intervention: str, label: str | None = None) -> dict[str, Any]:
+        """A fresh copy of the parameters passed to ``intervention`` for ``label``."""
+        table = self._label_params.get(label, self.params) if label is not None else self.params
+        return copy.deepcopy(dict(table.get(intervention, {})))
+
+
+def _validate_into(model: type[BaseModel], data: Any, prefix: tuple[str | int, ...]) -> list[tuple[tuple, str]]:
+    """Validate ``data`` as ``model``; return its problems with key paths prefixed (empty when valid)."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        return [(prefix + loc, msg) for loc, msg in _problems(exc, model)]
+    return []
+
+
+# -- error formatting ---------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _num(value: Any) -> str:
+    return _show(float(value)) if isinstance(value, (int, float)) else str(value)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated/Optional so the model or dict type underneath can be walked."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, UnionType):
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _allowed_keys(root: type[BaseModel], loc: Sequence[str | int]) -> list[str] | None:
+    """The keys the mapping at ``loc`` accepts (for 'unknown key' messages), when it is a model."""
+    node: Any = root
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part not in node.model_fields:
+                return None
+            node = node.model_fields[part].annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        elif get_origin(node) is list:
+            node = get_args(node)[0]
+        else:
+            return None
+    node = _unwrap(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return None
+
+
+def _message(err: Mapping[str, Any], root: type[BaseModel], loc: tuple) -> str:
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+              "less_than": ("<", "lt")}
+    if kind in bounds:
+        op, key = bounds[kind]
+        what = "an integer" if isinstance(ctx[key], int) and not isinstance(ctx[key], bool) else "a number"
+        return f"must be {what} {op} {_num(ctx[key])}, got {_show(got)}"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return f"must be a number, got {_show(got)}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be an integer, got {_show(got)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false, got {_show(got)}"
+    if kind == "string_type":
+        return f"must be a string, got {_show(got)}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"must be a mapping, got {_show(got)}"
+    if kind == "list_type":
+        return f"must be a list, got {_show(got)}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {_show(got)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key{hint}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return f"{err['msg']}, got {_show(got)}"
+
+
+def _problems(exc: ValidationError, root: type[BaseModel]) -> list[tuple[tuple, str]]:
+    out: list[tuple[tuple, str]] = []
+    for err in exc.errors():
+        loc = tuple(part for part in err["loc"] if part != "[key]")
+        # Union branches add the branch type to the path ('float', 'int' ...); drop those.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("float", "int", "str", "bool", "none")))
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, _Located):
+            out += [(loc + sub, msg) for sub, msg in error.problems]
+        else:
+            out.append((loc, _message(err, root, loc)))
+    return out
+
+
+def _format_loc(loc: Sequence[str | int]) -> str:
+    return " ".join(f"==> At index {p}" if isinstance(p, int) else f"==> At key: {p}" for p in loc)
+
+
+def format_validation_error(exc: ValidationError, source: str, root: type[BaseModel] = None) -> str:
+    """pre-commit style lines: ``FILE: ==> At key: a ==> At key: b: what was expected, got what``."""
+    lines = []
+    for loc, msg in _problems(exc, root or Policy):
+        where = _format_loc(loc)
+        lines.append(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "unhashable key", key_node.start_mark) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or "malformed YAML"
+        raise PolicyError(f"{source}: invalid YAML{where}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: invalid YAML: {exc}") from None
+
+
+def policy_from_dict(data: Any, source: str = "<policy>") -> Policy:
+    """Validate a mapping (as read from YAML) into a :class:`Policy`; errors name ``source`` and the key path."""
+    if not isinstance(data, Mapping):
+        what = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise PolicyError(f"{source}: expected a mapping at the top level (name, costs, treatments ...), got {what}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise PolicyError(f"{source}: top-level keys must be strings, got {bad_keys[0]!r}")
+    try:
+        return Policy.model_validate(dict(data))
+    except ValidationError as exc:
+        raise PolicyError(format_validation_error(exc, source)) from None
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse YAML text into a validated :class:`Policy`."""
+    return policy_from_dict(_parse_yaml(text, source), source)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file (``yaml.safe_load`` semantics, duplicate keys refused)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"{source}: policy file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{source}: cannot read the policy file ({exc})") from None
+    policy = parse_policy(text, source)
+    policy._source_path = path
+    return policy

@@ -1,0 +1,386 @@
+"""The policy schema and loader, cost revision, and the ``policy`` CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli import main
+from engine.errors import DataError, PolicyError
+from rules.policy import (
+    DEFAULT_COSTS,
+    AcceptanceConfig,
+    Policy,
+    load_policy,
+    parse_policy,
+    policy_from_dict,
+)
+from rules.revise import revise_costs, rewrite_costs
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "policies" / "default.yaml"
+CHEAP = ROOT / "policies" / "cheap_retraining.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# -- loading the shipped policies ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [DEFAULT, CHEAP], ids=["default", "cheap_retraining"])
+def test_shipped_policies_load(path: Path) -> None:
+    policy = load_policy(path)
+    assert policy.source_path == path
+    assert len(policy.content_hash) == 64
+    # Every actionable kind is treated and every named intervention has a cost and a time.
+    for kind, names in policy.treatments.items():
+        assert names, kind
+        for name in names:
+            assert policy.cost(name) >= 0 and policy.expected_time(name) >= 0
+
+
+def test_default_policy_is_the_papers_cost_matrix() -> None:
+    policy = load_policy(DEFAULT)
+    assert dict(policy.costs) == DEFAULT_COSTS
+    assert policy.approval.auto_max_cost == 3
+    assert policy.acceptance.max_other_auroc_change == 0.01
+    # Tie-break order the brief asks for: threshold < zeroing < partial_retrain < f_reopt < backbone work.
+    t = policy.expected_time
+    assert t("threshold") < 1 < t("zeroing") < 5 < t("partial_retrain") < t("f_reopt") < t("augmentation")
+    assert t("f_reopt") >= 60 and t("augmentation") >= 3600 and t("full_retrain") >= 3600
+
+
+def test_content_hash_ignores_formatting_and_follows_content(tmp_path: Path) -> None:
+    a = parse_policy("name: p\ncosts: {zeroing: 2}\n")
+    b = parse_policy("# a comment\nname:   p\ncosts:\n  zeroing: 2.0\n")
+    c = parse_policy("name: p\ncosts: {zeroing: 3}\n")
+    assert a.content_hash == b.content_hash != c.content_hash
+    assert a.content_hash == policy_from_dict({"name": "p"}).content_hash  # 2 is the default anyway
+
+
+# -- error messages -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: x\ncosts:\n  zeroing: -1\n",
+     "==> At key: costs ==> At key: zeroing: must be a number >= 0, got -1"),
+    ("name: x\ncosts:\n  zeroin: 1\n",
+     "==> At key: costs ==> At key: zeroin: unknown intervention 'zeroin' (expected one of: augmentation, "
+     "f_reopt, full_retrain, partial_retrain, threshold, zeroing, no_action)"),
+    ("name: x\ntreatments:\n  fp_cluster: [zeroing, retrain]\n",
+     "==> At key: treatments ==> At key: fp_cluster ==> At index 1: unknown intervention 'retrain'"),
+    ("name: x\ncosts:\n  zeroing: cheap\n",
+     "==> At key: costs ==> At key: zeroing: must be a number, got 'cheap'"),
+    ("name: x\ncosts:\n  zeroing: '2'\n",
+     "==> At key: costs ==> At key: zeroing: must be a number, got '2'"),
+    ("name: x\napproval:\n  auto_max_cost: true\n",
+     "==> At key: approval ==> At key: auto_max_cost: must be a number, got true"),
+    ("name: x\nbudget:\n  max_attempts_per_issue: 1.5\n",
+     "==> At key: budget ==> At key: max_attempts_per_issue: must be an integer, got 1.5"),
+    ("name: x\ntreatments:\n  fp_cluster: zeroing\n",
+     "==> At key: treatments ==> At key: fp_cluster: must be a list, got 'zeroing'"),
+    ("name: x\ncolour: blue\n",
+     "==> At key: colour: unknown key (expected one of: name, version, description, costs, expected_time_s, "
+     "treatments, conditions, acceptance, verification, approval, budget, params, labels, monitors)"),
+    ("name: x\nacceptance:\n  max_ece: 0.1\n",
+     "==> At key: acceptance ==> At key: max_ece: unknown key (expected one of: max_other_auroc_change, "
+     "min_improvement, max_tp_lost, max_new_issues)"),
+    ("name: x\ntreatments:\n  fp_clusters: [zeroing]\n",
+     "==> At key: treatments ==> At key: fp_clusters: unknown issue kind 'fp_clusters'"),
+    ("name: x\ntreatments:\n  input_drift: [threshold]\n",
+     "==> At key: treatments ==> At key: input_drift: issue kind 'input_drift' is informational"),
+    ("name: x\ntreatments:\n  fp_cluster: [zeroing, zeroing]\n",
+     "==> At key: treatments ==> At key: fp_cluster ==> At index 1: 'zeroing' is listed twice"),
+    ("name: x\ntreatments:\n  fp_cluster: [no_action]\n",
+     "==> At key: treatments ==> At key: fp_cluster ==> At index 0: 'no_action' is not a treatment"),
+    ("name: x\nparams:\n  threshold:\n    method: fixed_sensitivity\n",
+     "==> At key: params ==> At key: threshold ==> At key: target: required when method is fixed_sensitivity"),
+    ("name: x\nparams:\n  threshold:\n    method: best\n",
+     "==> At key: params ==> At key: threshold ==> At key: method: must be one of 'youden', "
+     "'fixed_sensitivity' or 'cost_weighted', got 'best'"),
+    ("name: x\nlabels:\n  Pneumothorx: {}\n",
+     "==> At key: labels ==> At key: Pneumothorx: unknown label 'Pneumothorx'"),
+    ("name: x\nlabels:\n  Pneumothorax:\n    acceptance:\n      max_tp_lost: -2\n",
+     "==> At key: labels ==> At key: Pneumothorax ==> At key: acceptance ==> At key: max_tp_lost: "
+     "must be an integer >= 0, got -2"),
+    ("name: x\nlabels:\n  Pneumothorax:\n    monitors:\n      recall_collapse: {min_recall_ratio: 2}\n",
+     "==> At key: labels ==> At key: Pneumothorax ==> At key: monitors ==> At key: recall_collapse "
+     "==> At key: min_recall_ratio: must be a number <= 1, got 2"),
+    ("name: x\nmonitors:\n  auroc_drop: {max_dropp: 0.1}\n",
+     "==> At key: monitors ==> At key: auroc_drop ==> At key: max_dropp: unknown key"),
+    ("costs: {}\n", "==> At key: name: required key is missing"),
+])
+def test_error_messages_name_file_key_path_expected_and_got(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value).startswith(f"{path}: ==> At key: ")
+    assert message in str(info.value)
+
+
+def test_exact_message_for_a_negative_cost(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\ncosts:\n  zeroing: -1\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"{path}: ==> At key: costs ==> At key: zeroing: must be a number >= 0, got -1"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: x\ncosts: [1, 2\n", "invalid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("name: x\ncosts:\n  zeroing: 1\n   threshold: 2\n", "invalid YAML at line 4, column 13: mapping values are not "
+     "allowed here"),
+    ("name: x\ncosts:\n  zeroing: 1\n  zeroing: 5\n", "invalid YAML at line 4, column 3: duplicate key 'zeroing' "
+     "(first at line 3)"),
+    ("", "expected a mapping at the top level (name, costs, treatments ...), got an empty document"),
+    ("- name: x\n", "expected a mapping at the top level (name, costs, treatments ...), got a list"),
+])
+def test_bad_yaml_reports_line_and_column(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="nope.yaml: policy file not found"):
+        load_policy(tmp_path / "nope.yaml")
+
+
+def test_several_problems_are_all_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\ncosts: {zeroing: -1, threshold: -2}\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{path}: ==> At key: costs") for line in lines)
+
+
+def test_plugin_interventions_are_validated_against_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from interventions import base
+
+    class Denoise(base.Intervention):
+        name = "denoise"
+        treats = ("auroc_drop",)
+        expected_time_s = 42.0
+
+        def _apply(self, ctx):  # pragma: no cover - never run here
+            raise NotImplementedError
+
+    base.available_interventions()  # load the built-ins first so the registry is complete
+    monkeypatch.setitem(base._REGISTRY, "denoise", Denoise)
+    with pytest.raises(PolicyError, match=r"At index 0: intervention 'denoise' has no cost; add costs.denoise"):
+        policy_from_dict({"name": "x", "treatments": {"auroc_drop": ["denoise"]}})
+    policy = policy_from_dict({"name": "x", "costs": {"denoise": 1.5}, "treatments": {"auroc_drop": ["denoise"]}})
+    assert policy.cost("denoise") == 1.5
+    assert policy.expected_time("denoise") == 42.0  # the plugin's own estimate when the policy gives none
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def test_per_label_overrides_resolve_and_others_keep_the_policy_values() -> None:
+    policy = policy_from_dict({
+        "name": "x",
+        "labels": {"Pneumothorax": {
+            "costs": {"zeroing": 5},
+            "acceptance": {"max_tp_lost": 1},
+            "conditions": {"partial_retrain": {"min_positives": 3}},
+            "params": {"threshold": {"method": "fixed_sensitivity", "target": 0.95}},
+            "monitors": {"recall_collapse": {"min_recall_ratio": 0.9}},
+        }},
+    })
+    assert policy.cost("zeroing", "Pneumothorax") == 5 and policy.cost("zeroing", "Effusion") == 2
+    assert policy.cost("zeroing") == 2
+    assert policy.acceptance_for("Pneumothorax").max_tp_lost == 1
+    assert policy.acceptance_for("Pneumothorax").max_other_auroc_change == 0.01  # merged, not replaced
+    assert policy.acceptance_for("Effusion") == policy.acceptance
+    assert policy.conditions_for("Pneumothorax").partial_retrain.min_positives == 3
+    assert policy.conditions_for(None).partial_retrain.min_positives == 10
+    assert policy.params_for("threshold", "Pneumothorax") == {"method": "fixed_sensitivity", "target": 0.95}
+    assert policy.params_for("threshold", "Effusion") == {"method": "youden"}
+    assert policy.params_for("full_retrain") == {}
+    # Label monitor changes land in MonitorConfig.overrides, where the monitors look for them.
+    assert policy.monitors.for_label("Pneumothorax").recall_collapse.min_recall_ratio == 0.9
+    assert policy.monitors.for_label("Effusion").recall_collapse.min_recall_ratio == 0.6
+
+
+def test_params_for_returns_a_copy() -> None:
+    policy = policy_from_dict({"name": "x"})
+    policy.params_for("threshold")["method"] = "cost_weighted"
+    assert policy.params_for("threshold") == {"method": "youden"}
+
+
+def test_label_monitor_overrides_in_two_places_are_refused() -> None:
+    with pytest.raises(PolicyError, match="monitors.overrides.Effusion is also set"):
+        policy_from_dict({"name": "x", "monitors": {"overrides": {"Effusion": {"auroc_drop": {"max_drop": 0.1}}}},
+                          "labels": {"Effusion": {"monitors": {"auroc_drop": {"max_drop": 0.2}}}}})
+
+
+def test_unknown_cost_lookup_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match="has no cost for intervention 'nope'"):
+        policy_from_dict({"name": "x"}).cost("nope")
+
+
+def test_policy_is_immutable() -> None:
+    policy = policy_from_dict({"name": "x"})
+    with pytest.raises(Exception):
+        policy.name = "y"  # type: ignore[misc]
+    assert isinstance(policy, Policy)
+
+
+def test_acceptance_maps_onto_the_verifier() -> None:
+    verify = pytest.importorskip("engine.verify")
+    acc = AcceptanceConfig(max_other_auroc_change=0.02, min_improvement=0.5, max_tp_lost=1, max_new_issues=2)
+    out = acc.to_verify()
+    assert isinstance(out, verify.Acceptance)
+    assert (out.max_other_auroc_change, out.min_improvement, out.max_tp_lost, out.max_new_issues) == (0.02, 0.5, 1, 2)
+
+
+# -- cost revision ------------------------------------------------------------------------------
+
+PAPER_BEFORE = """\
+name: paper
+# before timing partial retraining
+costs:
+  threshold: 1
+  zeroing: 2
+  partial_retrain: 6   # a guess
+  full_retrain: 10
+"""
+
+
+def obs(name: str, seconds: float, outcome: str = "accepted", n: int = 1) -> list[dict]:
+    return [{"intervention": name, "wall_time_s": seconds, "outcome": outcome} for _ in range(n)]
+
+
+def test_revision_reproduces_the_papers_partial_retrain_6_to_2(tmp_path: Path) -> None:
+    path = write(tmp_path, PAPER_BEFORE)
+    policy = load_policy(path)
+    observations = obs("partial_retrain", 9.0, n=3) + obs("partial_retrain", 12.0, n=2) + obs("threshold", 0.2, n=4)
+    result = revise_costs(policy, observations)
+    assert result.changes == {"partial_retrain": (6.0, 2.0)}
+    assert f"--- {path}\n" in result.diff
+    assert "-  partial_retrain: 6   # a guess\n" in result.diff
+    assert "+  partial_retrain: 2   # a guess\n" in result.diff
+    body = result.diff.splitlines()[2:]
+    assert sum(line.startswith(("-", "+")) for line in body) == 2  # exactly one line changed
+    assert path.read_text() == PAPER_BEFORE  # proposal only
+    assert parse_policy(result.revised_text).cost("partial_retrain") == 2
+
+
+def test_revision_failure_penalty_and_minimum_observations() -> None:
+    policy = policy_from_dict({"name": "x"})
+    observations = (obs("threshold", 0.3, "accepted", 2) + obs("threshold", 0.4, "rejected", 2)
+                    + obs("zeroing", 2.0, n=2) + obs("f_reopt", 900.0, "unverified", 3))
+    result = revise_costs(policy, observations)
+    rows = {r.intervention: r for r in result.rows}
+    assert rows["threshold"].failure_rate == 0.5
+    assert rows["threshold"].new_cost == 2  # tier 1 x (1 + 0.5) = 1.5, rounded half-up
+    assert rows["zeroing"].new_cost == 2 and "fewer than the 3 needed" in rows["zeroing"].reason
+    assert rows["f_reopt"].failure_rate is None and rows["f_reopt"].new_cost == 3  # unverified: time only
+    assert rows["full_retrain"].reason == "kept: never attempted"
+    assert set(result.changes) == {"threshold"}
+
+
+def test_revision_maps_onto_the_policys_scale() -> None:
+    policy = load_policy(CHEAP)  # largest cost 6 -> scale 0.6
+    result = revise_costs(policy, obs("full_retrain", 5 * 3600.0, n=3))
+    assert result.changes == {}  # tier 10 x 0.6 = 6: the cost it already has
+    assert {r.intervention: r.new_cost for r in result.rows}["full_retrain"] == 6
+    result = revise_costs(policy, obs("augmentation", 3 * 3600.0, n=3))
+    assert result.changes == {"augmentation": (3.0, 5.0)}  # 8 x 0.6 = 4.8 -> 5
+
+
+def test_revision_with_matching_measurements_proposes_nothing() -> None:
+    policy = load_policy(DEFAULT)
+    observations = obs("threshold", 0.4, n=3) + obs("zeroing", 3.0, n=3) + obs("partial_retrain", 11.0, n=3)
+    result = revise_costs(policy, observations)
+    assert result.changes == {} and result.diff == ""
+
+
+def test_revision_skips_unknown_interventions_and_rejects_bad_rows() -> None:
+    policy = policy_from_dict({"name": "x"})
+    assert revise_costs(policy, obs("mystery", 1.0, n=3)).skipped == ("mystery",)
+    with pytest.raises(DataError, match="observation 1: 'outcome' must be one of"):
+        revise_costs(policy, obs("threshold", 1.0) + [{"intervention": "threshold", "wall_time_s": 1, "outcome": "ok"}])
+    with pytest.raises(DataError, match="observation 0: 'wall_time_s' must be a number >= 0 or null, got -1"):
+        revise_costs(policy, [{"intervention": "threshold", "wall_time_s": -1, "outcome": "accepted"}])
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: x\ncosts: {zeroing: 2, threshold: 1}\n", "name: x\ncosts: {zeroing: 4, threshold: 1, augmentation: 7}\n"),
+    ("name: x\n", "name: x\ncosts:\n  zeroing: 4\n  augmentation: 7\n"),
+    ("name: x\ncosts:\n  zeroing: 2  # c\nother: 1\n", "name: x\ncosts:\n  zeroing: 4  # c\n  augmentation: 7\nother: 1\n"),
+])
+def test_rewrite_costs_edits_only_the_cost_entries(text: str, expected: str) -> None:
+    assert rewrite_costs(text, {"zeroing": 4.0, "augmentation": 7.0}) == expected
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_validate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["policy", "validate", str(DEFAULT)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and load_policy(DEFAULT).content_hash in out.replace("\n", "")
+    bad = write(tmp_path, "name: x\ncosts:\n  zeroing: -1\n")
+    assert main(["policy", "validate", str(bad)]) == 1
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "zeroing: must be a number >= 0, got -1" in err and "Traceback" not in err
+
+
+def test_cli_explain_shows_candidates_and_default_choice(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.console import console
+
+    monkeypatch.setattr(console, "width", 220)
+    assert main(["policy", "explain", str(DEFAULT)]) == 0
+    out = capsys.readouterr().out
+    for text in ("calibration_drift", "compression_fidelity", "chosen", "needs --approve",
+                 "Per-label overrides", "Pneumothorax", "broken by expected time"):
+        assert text in out, text
+
+
+def test_explain_rows_follow_costs() -> None:
+    from engine.commands.policy import explain_rows
+
+    rows = explain_rows(load_policy(DEFAULT))
+    assert rows["fp_cluster"]["chosen"] == "zeroing"
+    assert [c["intervention"] for c in rows["fp_cluster"]["candidates"]] == [
+        "zeroing", "partial_retrain", "augmentation", "full_retrain"]
+    assert explain_rows(load_policy(CHEAP))["fp_cluster"]["chosen"] == "partial_retrain"
+
+
+def test_cli_revise_from_audit_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    audit = pytest.importorskip("engine.audit")
+    policy_path = write(tmp_path, PAPER_BEFORE, "paper.yaml")
+    db = tmp_path / "audit.sqlite"
+    with audit.AuditStore(db, tool_version="test") as store:
+        store.append("run1", "run_started", {})
+        for attempt, seconds in enumerate((8.0, 10.0, 11.0)):
+            store.append("run1", "intervention_applied", {"intervention": "partial_retrain", "fact_id": "f1",
+                                                          "attempt": attempt, "wall_time_s": seconds})
+            store.append("run1", "verification", {"intervention": "partial_retrain", "fact_id": "f1",
+                                                  "attempt": attempt, "passed": True})
+    out_file = tmp_path / "revision.diff"
+    assert main(["policy", "revise", str(policy_path), "--audit", str(db), "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "partial_retrain" in out and "policy file was not changed" in out
+    diff = out_file.read_text()
+    assert "+  partial_retrain: 2   # a guess" in diff
+    assert policy_path.read_text() == PAPER_BEFORE
+
+
+def test_cli_revise_from_jsonl_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy_path = write(tmp_path, PAPER_BEFORE, "paper.yaml")
+    jsonl = tmp_path / "obs.jsonl"
+    jsonl.write_text("".join(json.dumps(o) + "\n" for o in obs("threshold", 0.5, n=3)))
+    assert main(["policy", "revise", str(policy_path), "--audit", str(jsonl)]) == 0
+    assert "No revision proposed" in capsys.readouterr().out
+    assert main(["policy", "revise", str(policy_path), "--audit", str(tmp_path / "missing.sqlite")]) == 1
+    assert "audit store not found" in capsys.readouterr().err
+    assert not (tmp_path / "missing.sqlite").exists()
+    assert main(["policy", "revise", str(policy_path), "--audit", str(jsonl), "--out", str(policy_path)]) == 1
+    assert "refusing to write over the policy" in capsys.readouterr().err.replace("\n", "")
+    assert policy_path.read_text() == PAPER_BEFORE

@@ -1,0 +1,194 @@
+"""The threshold intervention: fixes an operating-point drift on held-out data, copies, is deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import InterventionError
+from engine.facts import IssueFact
+from interventions.base import TreatmentContext, available_interventions, get_intervention
+from interventions.threshold import fit_threshold
+from model.bundle import new_bundle
+from model.densenet import arch_config, build_model
+from model.features import FeatureSet
+from model.labels import CHEXNET_LABELS
+from model.metrics import confusion_at, sigmoid, youden_threshold
+
+LABEL = "Effusion"
+K = CHEXNET_LABELS.index(LABEL)
+
+
+def _featureset(labels: np.ndarray, logits: np.ndarray, patients: np.ndarray) -> FeatureSet:
+    n = len(labels)
+    return FeatureSet(tuple(f"{i:05d}.png" for i in range(n)), patients, labels.astype(np.uint8),
+                      np.zeros((n, 4), np.float32), logits.astype(np.float32), "w", "m")
+
+
+def _scenario(seed: int = 0, n: int = 1200, shift: float = 2.5):
+    """Clean logits with a stored Youden operating point, then a +shift logit drift (scanner change)."""
+    rng = np.random.default_rng(seed)
+    clean = rng.normal(-0.8, 2.5, (n, 14))  # calibrated by construction: labels drawn from sigmoid(logit)
+    labels = (rng.random((n, 14)) < sigmoid(clean)).astype(np.uint8)
+    torch.manual_seed(seed)
+    cfg = arch_config("tiny")
+    ref_half = np.arange(n) % 3 == 0  # reference data: where the deployed thresholds were fitted
+    thresholds = [youden_threshold(labels[ref_half, k], sigmoid(clean[ref_half, k])) for k in range(14)]
+    bundle = new_bundle(build_model("densenet", cfg), config=cfg, input_size=32, thresholds=thresholds)
+    drifted = clean.copy()
+    drifted[:, K] += shift
+    patients = np.array([f"p{i // 2}" for i in range(n)], dtype=object)
+    fs = _featureset(labels, drifted, patients)
+    fit = fs.subset(np.flatnonzero(~ref_half & (np.arange(n) % 3 == 1)))
+    verify = fs.subset(np.flatnonzero(np.arange(n) % 3 == 2))
+    return bundle, fit, verify, clean, labels
+
+
+def _fact(kind: str = "calibration_drift", label: str | None = LABEL) -> IssueFact:
+    return IssueFact(kind=kind, monitor=kind, label=label, severity="high", message="test")
+
+
+def _ctx(bundle, fit, params=None, fact=None) -> TreatmentContext:
+    return TreatmentContext(bundle=bundle, fact=fact or _fact(), fit=fit, fit_dataset=None,  # type: ignore[arg-type]
+                            params=params or {}, seed=0)
+
+
+def test_registered_with_its_contract() -> None:
+    assert "threshold" in available_interventions()
+    plugin = get_intervention("threshold")
+    assert set(plugin.treats) == {"calibration_drift", "recall_collapse"} and plugin.classifier_only
+
+
+def test_resolves_a_logit_shift_on_the_verify_split() -> None:
+    bundle, fit, verify, clean, labels = _scenario()
+    deployed = bundle.meta.thresholds[K]
+    ref = confusion_at(labels[:, K], sigmoid(clean[:, K]), deployed)  # operating point before the drift
+    y, p = verify.labels[:, K], verify.probs[:, K]
+    before = confusion_at(y, p, deployed)
+    # The drift is real: specificity collapsed at the deployed threshold.
+    assert ref["specificity"] - before["specificity"] > 0.3
+    result = get_intervention("threshold").apply(_ctx(bundle, fit))
+    new = result.bundle.meta.thresholds[K]
+    after = confusion_at(y, p, new)
+    youden_j = lambda c: c["sensitivity"] + c["specificity"] - 1  # noqa: E731
+    # Held-out operating quality is back at the pre-drift level (it was far below it).
+    assert youden_j(before) < youden_j(ref) - 0.2
+    assert youden_j(after) > youden_j(ref) - 0.06
+    assert new > deployed  # logits went up, so the threshold had to
+    # Only the fact's label moved; no weight changed.
+    assert [t for i, t in enumerate(result.bundle.meta.thresholds) if i != K] == \
+           [t for i, t in enumerate(bundle.meta.thresholds) if i != K]
+    assert result.bundle.weights_hash() == bundle.weights_hash()
+    assert result.classifier_only
+
+
+def test_probability_drift_also_gets_an_intercept_recalibration() -> None:
+    from interventions.threshold import ECE_KEY
+    from model.metrics import auroc, expected_calibration_error
+
+    bundle, fit, verify, clean, labels = _scenario()
+    fact = IssueFact(kind="calibration_drift", monitor="calibration_drift", label=LABEL, severity="high",
+                     message="ECE and operating point", threshold={ECE_KEY: 0.05})
+    result = get_intervention("threshold").apply(_ctx(bundle, fit, fact=fact))
+    (shift,) = result.changes["logit_shifts"]
+    delta = shift["delta"]
+    assert shift["label"] == LABEL and delta < -1.0  # undoes most of the +2.5 drift
+    # Fit split: mean predicted probability equals the prevalence (the intercept's MLE condition).
+    assert sigmoid(fit.logits[:, K] + delta).mean() == pytest.approx(fit.labels[:, K].mean(), abs=1e-6)
+    # Verify split: probabilities calibrated again, ranking untouched.
+    y = verify.labels[:, K]
+    ece_before = expected_calibration_error(y, sigmoid(verify.logits[:, K]))
+    ece_after = expected_calibration_error(y, sigmoid(verify.logits[:, K] + delta))
+    assert ece_after < 0.1 < ece_before
+    assert auroc(y, verify.logits[:, K] + delta) == auroc(y, verify.logits[:, K])
+    # Only that label's classifier bias moved, by exactly delta; the threshold sits on the new scale.
+    old_b, new_b = bundle.model.classifier.bias.detach(), result.bundle.model.classifier.bias.detach()
+    assert torch.equal(result.bundle.model.classifier.weight, bundle.model.classifier.weight)
+    assert float(new_b[K] - old_b[K]) == pytest.approx(delta, abs=1e-5)
+    assert torch.equal(torch.cat([new_b[:K], new_b[K + 1:]]), torch.cat([old_b[:K], old_b[K + 1:]]))
+    assert [h["op"] for h in result.bundle.meta.history] == ["shift_logit", "set_threshold"]
+    after = confusion_at(y, sigmoid(verify.logits[:, K] + delta), result.bundle.meta.thresholds[K])
+    assert after["sensitivity"] + after["specificity"] > 1.6
+
+
+def test_input_not_mutated_and_change_recorded() -> None:
+    bundle, fit, _, _, _ = _scenario()
+    meta_before, hash_before = bundle.meta.model_dump(), bundle.content_hash()
+    result = get_intervention("threshold").apply(_ctx(bundle, fit))
+    assert bundle.meta.model_dump() == meta_before and bundle.content_hash() == hash_before
+    assert result.bundle.model is not bundle.model
+    assert result.bundle.meta.parent_hash == hash_before
+    entry = result.bundle.meta.history[-1]
+    assert entry == {"op": "set_threshold", "label": LABEL, "old": bundle.meta.thresholds[K],
+                     "new": result.bundle.meta.thresholds[K], "method": "youden"}
+    assert result.changes["thresholds"] == [{"label": LABEL, "old": entry["old"], "new": entry["new"]}]
+    assert set(result.fit_metrics[LABEL]) == {"before", "after"}
+
+
+def test_deterministic() -> None:
+    bundle, fit, _, _, _ = _scenario()
+    a = get_intervention("threshold").apply(_ctx(bundle, fit))
+    b = get_intervention("threshold").apply(_ctx(bundle, fit))
+    assert a.bundle.content_hash() == b.bundle.content_hash()
+    assert a.changes == b.changes
+
+
+def test_scope_all_refits_every_label() -> None:
+    bundle, fit, _, _, _ = _scenario()
+    result = get_intervention("threshold").apply(_ctx(bundle, fit, {"scope": "all"}))
+    assert [c["label"] for c in result.changes["thresholds"]] == list(CHEXNET_LABELS)
+    assert len(result.bundle.meta.history) == 14
+
+
+def test_fixed_sensitivity_is_the_highest_threshold_reaching_the_target() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.random(300) < 0.3
+    p = np.clip(rng.random(300) * 0.6 + 0.3 * y, 0, 1)
+    for target in (0.5, 0.8, 0.95, 1.0):
+        t = fit_threshold(y, p, "fixed_sensitivity", target=target)
+        assert confusion_at(y, p, t)["sensitivity"] >= target
+        higher = np.unique(p[p > t])
+        assert all(confusion_at(y, p, h)["sensitivity"] < target for h in higher[:5])
+
+
+def test_cost_weighted_minimises_the_cost() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.random(200) < 0.25
+    p = np.round(np.clip(rng.random(200) * 0.7 + 0.3 * y, 0, 1), 2)  # ties on purpose
+    for fn_cost, fp_cost in ((1.0, 1.0), (10.0, 1.0), (1.0, 10.0)):
+        t = fit_threshold(y, p, "cost_weighted", fn_cost=fn_cost, fp_cost=fp_cost)
+        cost = lambda thr: fn_cost * confusion_at(y, p, thr)["fn"] + fp_cost * confusion_at(y, p, thr)["fp"]  # noqa: E731
+        assert cost(t) <= min(cost(c) for c in np.r_[np.unique(p), 1.01]) + 1e-9
+    t_fn = fit_threshold(y, p, "cost_weighted", fn_cost=10.0, fp_cost=1.0)
+    t_fp = fit_threshold(y, p, "cost_weighted", fn_cost=1.0, fp_cost=10.0)
+    assert t_fn < t_fp  # missing a finding is expensive -> lower threshold
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"method": "magic"}, "'method' parameter"),
+    ({"method": "fixed_sensitivity"}, "'target' parameter"),
+    ({"method": "fixed_sensitivity", "target": 1.5}, "'target' parameter"),
+    ({"method": "cost_weighted", "fn_cost": 1.0}, "'fp_cost' parameter"),
+    ({"scope": "some"}, "'scope' parameter"),
+    ({"treshold": 1}, "unknown parameter"),
+])
+def test_bad_parameters_are_refused_by_name(params, match) -> None:
+    bundle, fit, _, _, _ = _scenario(n=120)
+    ok, why = get_intervention("threshold").applicable(_ctx(bundle, fit, params))
+    assert not ok and match in why
+    with pytest.raises(InterventionError, match=match):
+        get_intervention("threshold").apply(_ctx(bundle, fit, params))
+
+
+def test_not_applicable_outside_its_kinds_or_without_both_classes() -> None:
+    bundle, fit, _, _, _ = _scenario(n=120)
+    ok, why = get_intervention("threshold").applicable(_ctx(bundle, fit, fact=_fact("fp_cluster")))
+    assert not ok and "does not treat fp_cluster" in why
+    labels = fit.labels.copy()
+    labels[:, K] = 0
+    single = FeatureSet(fit.image_names, fit.patient_ids, labels, fit.features, fit.logits, "w", "m")
+    ok, why = get_intervention("threshold").applicable(_ctx(bundle, single))
+    assert not ok and "only one class" in why
+    ok, why = get_intervention("threshold").applicable(_ctx(bundle, fit, fact=_fact(label=None)))
+    assert not ok
