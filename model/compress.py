@@ -73,6 +73,7 @@ __all__ = [
     "Calibration",
     "prepare_calibration",
     "compress_bundle",
+    "compress_targets",
     "replay_compression",
     "refit_to_parent",
     "latest_plan",
@@ -124,6 +125,9 @@ class CompressSettings:
     max_passes: int = 2
     #: Memory allowance for cached activations (MiB), which bounds the views at large inputs.
     memory_mb: int = 1024
+    #: Weight of multiply-adds against parameters when budgets are allocated (0: parameters only;
+    #: 1: a relative FLOP saving counts as much as the same relative parameter saving).
+    flops_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.target_reduction is not None and not 0.0 < self.target_reduction < 1.0:
@@ -142,6 +146,8 @@ class CompressSettings:
             raise ValueError("The 'positions' and 'positions_3x3' parameters must be >= 64.")
         if self.max_passes < 1:
             raise ValueError(f"The 'max_passes' parameter must be >= 1. Got {self.max_passes!r} instead.")
+        if not (self.flops_weight >= 0 and math.isfinite(self.flops_weight)):
+            raise ValueError(f"The 'flops_weight' parameter must be a finite number >= 0. Got {self.flops_weight!r} instead.")
 
     @property
     def tolerances(self) -> bool:
@@ -1037,7 +1043,8 @@ class _Walk:
         all_in = torch.arange(len(cand))
         if self.mode == "plan":
             _, curve = _eliminate(m, s, ridge, candidates=all_in, stop=1, frac=PLAN_FRAC)
-            self.curves[name] = {"kind": kind, "C": len(cand), "out": out_dim, "S": curve}
+            hw = int(a_c.shape[2] * a_c.shape[3]) if a_c.dim() == 4 else 1
+            self.curves[name] = {"kind": kind, "C": len(cand), "out": out_dim, "S": curve, "hw": hw}
             return
         if rec is not None:
             keep = _local(cand, decode_index(rec["keep"], where=f"history {name}.keep"), name)
@@ -1187,50 +1194,59 @@ def _fixed_params(net: PrunedDenseNet) -> int:
     return int(f.conv0.weight.numel() + f.norm0.weight.numel() * 2 + net.classifier.out_features)
 
 
-def _allocate(curves: dict[str, dict[str, Any]], lam: float) -> tuple[dict[str, int], dict[str, int], dict[str, float], int]:
+def _allocate(curves: dict[str, dict[str, Any]], lam: float, flop_price: float = 0.0
+              ) -> tuple[dict[str, int], dict[str, int], dict[str, float], int]:
+    """Per consumer, the budget minimising ``error + lam * (parameters + flop_price * MACs)``.
+
+    One price for all layers equalises the marginal error per saved resource, so the reduction
+    goes where reconstruction is cheap. ``flop_price`` > 0 also values multiply-adds (early,
+    high-resolution layers), which is what makes the CPU faster.
+    """
     k, kb, err, params = {}, {}, {}, 0
     for name, c in curves.items():
         ks, es = _curve_arrays(c["S"])
+        hw = c.get("hw", 1)
         if c["kind"] == "dense":
             kbs, ebs = _curve_arrays(c["B"])
             share = np.asarray(c["share"], dtype=np.float64)
             rho = share[np.clip(kbs - 1, 0, len(share) - 1)]
-            p = (2 * ks[:, None] + ks[:, None] * kbs[None, :] + 2 * kbs[None, :] + 9 * kbs[None, :] * c["g"])
+            macs = ks[:, None] * kbs[None, :] + 9 * kbs[None, :] * c["g"]
+            p = 2 * ks[:, None] + macs + 2 * kbs[None, :]
             e = es[:, None] * rho[None, :] + ebs[None, :]
-            cost = e + lam * p
+            cost = e + lam * (p + flop_price * hw * macs)
             i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
             k[name], kb[name], err[name], params = int(ks[i]), int(kbs[j]), float(e[i, j]), params + int(p[i, j])
         else:
             p = 2 * ks + ks * c["out"]
-            cost = es + lam * p
+            cost = es + lam * (p + flop_price * hw * ks * c["out"])
             i = int(np.argmin(cost))
             k[name], err[name], params = int(ks[i]), float(es[i]), params + int(p[i])
     return k, kb, err, params
 
 
-def _plan_for_params(curves: dict[str, dict[str, Any]], budget: int) -> _Plan:
+def _plan_for_params(curves: dict[str, dict[str, Any]], budget: int, flop_price: float = 0.0) -> _Plan:
     lo, hi = -40.0, 40.0  # log10 lambda
     best = None
     for _ in range(90):
         mid = 0.5 * (lo + hi)
-        k, kb, err, params = _allocate(curves, 10.0**mid)
+        k, kb, err, params = _allocate(curves, 10.0**mid, flop_price)
         if params <= budget:
             best = _Plan(k, kb, err, params, 10.0**mid)
             hi = mid
         else:
             lo = mid
     if best is None:
-        k, kb, err, params = _allocate(curves, 10.0**40)
+        k, kb, err, params = _allocate(curves, 10.0**40, flop_price)
         best = _Plan(k, kb, err, params, 10.0**40)
     return best
 
 
-def _plan_for_error(curves: dict[str, dict[str, Any]], budget: float) -> _Plan:
+def _plan_for_error(curves: dict[str, dict[str, Any]], budget: float, flop_price: float = 0.0) -> _Plan:
     lo, hi = -40.0, 40.0
-    best = _Plan(*_allocate(curves, 10.0**-40), 10.0**-40)
+    best = _Plan(*_allocate(curves, 10.0**-40, flop_price), 10.0**-40)
     for _ in range(90):
         mid = 0.5 * (lo + hi)
-        k, kb, err, params = _allocate(curves, 10.0**mid)
+        k, kb, err, params = _allocate(curves, 10.0**mid, flop_price)
         if sum(err.values()) <= budget:
             best = _Plan(k, kb, err, params, 10.0**mid)
             lo = mid
@@ -1536,73 +1552,156 @@ def _default_logit_delta(settings: CompressSettings) -> float:
     return max(0.01, 50 * (settings.max_auroc_drop or 0.001))
 
 
-def _run_compress(parent_net: PrunedDenseNet, calib: Calibration, settings: CompressSettings, *,
-                  progress: Progress | None, log: list[str]) -> tuple[_Walk, dict[str, Any]]:
+@dataclass
+class _Planning:
+    """What every compression pass of one (model, calibration) pair shares."""
+
+    parent: PrunedDenseNet
+    calib: Calibration
+    settings: CompressSettings
+    sens: dict[str, torch.Tensor]
+    curves: dict[str, dict[str, Any]]
+    cache: dict[str, Any]
+    hold_ref: np.ndarray
+    flop_price: float
+    total: int
+    fixed: int
+
+
+def _planning(parent_net: PrunedDenseNet, calib: Calibration, settings: CompressSettings,
+              progress: Progress | None) -> _Planning:
+    """Sensitivities, then elimination curves of every consumer on the original activations."""
     cache: dict[str, Any] = {}
-    if settings.exact_only or (settings.target_reduction is None and not settings.tolerances):
-        walk = _Walk(parent_net, calib, mode="exact", settings=settings, cache=cache, progress=progress)
-        _check_sizes(parent_net, calib, walk)
-        return walk.run(), {"mode": "exact", "passes": 1}
-    n_sens = min(calib.fit.shape[0], 128)
-    sens = _sensitivities(parent_net, calib.fit[:n_sens], settings.seed)
     _check_sizes(parent_net, calib, _Walk(parent_net, calib, mode="plan", settings=settings))
+    sens = _sensitivities(parent_net, calib.fit[: min(calib.fit.shape[0], 128)], settings.seed)
     # Planning curves only rank budgets: half the samples are plenty.
     plan_settings = replace(settings, positions=max(64, settings.positions // 2),
                             positions_3x3=max(64, settings.positions_3x3 // 2))
     planner = _Walk(parent_net, calib, mode="plan", settings=plan_settings, sens=sens, cache=cache,
                     progress=progress).run()
-    curves = planner.curves
+    total = sum(p.numel() for p in parent_net.parameters())
+    size = int(calib.fit.shape[-1])
+    macs = count_macs(parent_net, size, int(calib.fit.shape[1]))
     hold_ref = _logits(parent_net, calib.hold) if len(calib.hold) else np.zeros((0, parent_net.classifier.out_features))
-    info: dict[str, Any] = {"passes": 0}
-    fixed = _fixed_params(parent_net)
-    total_parent = sum(p.numel() for p in parent_net.parameters())
-    if settings.target_reduction is not None:
-        budget = int((1 - settings.target_reduction) * total_parent) - fixed
-        plan = _plan_for_params(curves, budget)
-        if plan.params > budget:
-            smallest = (plan.params + fixed) / total_parent
-            raise BundleError(f"target reduction {settings.target_reduction:.3f} is out of reach: at most "
-                              f"{1 - smallest:.3f} of the parameters can go with one input channel per consumer")
-        guard = None
-        if settings.tolerances:
-            guard = _Guard(hold_ref, calib.hold_labels, settings.max_logit_delta, settings.max_auroc_drop)
-        walk = _Walk(parent_net, calib, mode="compress", settings=settings, sens=sens, plan=plan, guard=guard,
-                     cache=cache, progress=progress).run()
-        info.update(mode="target" + ("+tolerance" if guard else ""), passes=1, lam=plan.lam,
-                    planned_params=plan.params + fixed, predicted_sq_error=sum(plan.err.values()))
-        return walk, info
-    # tolerance-steered budget
+    return _Planning(parent_net, calib, settings, sens, planner.curves, cache, hold_ref,
+                     settings.flops_weight * total / max(macs, 1), total, _fixed_params(parent_net))
+
+
+def _guard(pl: _Planning, logit_tol: float | None) -> _Guard:
+    return _Guard(pl.hold_ref, pl.calib.hold_labels, logit_tol, pl.settings.max_auroc_drop)
+
+
+def _for_target(pl: _Planning, target: float, guard: _Guard | None, progress: Progress | None
+                ) -> tuple[_Walk, dict[str, Any]]:
+    budget = int((1 - target) * pl.total) - pl.fixed
+    plan = _plan_for_params(pl.curves, budget, pl.flop_price)
+    if plan.params > budget:
+        smallest = (plan.params + pl.fixed) / pl.total
+        raise BundleError(f"target reduction {target:.3f} is out of reach: at most {1 - smallest:.3f} of the "
+                          f"parameters can go with one input channel per consumer")
+    walk = _Walk(pl.parent, pl.calib, mode="compress", settings=pl.settings, sens=pl.sens, plan=plan, guard=guard,
+                 cache=pl.cache, progress=progress).run()
+    return walk, {"mode": "target" + ("+tolerance" if guard else ""), "passes": 1, "lam": plan.lam,
+                  "planned_params": plan.params + pl.fixed, "predicted_sq_error": sum(plan.err.values())}
+
+
+def _for_tolerance(pl: _Planning, progress: Progress | None, log: list[str]) -> tuple[_Walk, dict[str, Any]]:
+    """Passes with an error budget steered by the held-out deviation; the best passing one wins."""
+    settings = pl.settings
     d_eff = _default_logit_delta(settings)
-    k_out = parent_net.classifier.out_features
+    k_out = pl.parent.classifier.out_features
     budget_err = k_out * (d_eff / 3.5) ** 2
-    guard = _Guard(hold_ref, calib.hold_labels, d_eff, settings.max_auroc_drop)
+    guard = _guard(pl, d_eff)
     best: tuple[_Walk, dict[str, Any]] | None = None
+    passes = 0
     for p in range(settings.max_passes):
-        plan = _plan_for_error(curves, budget_err)
-        walk = _Walk(parent_net, calib, mode="compress", settings=settings, sens=sens, plan=plan, guard=guard,
-                     cache=cache, progress=progress).run()
-        logits = _logits(walk.work, calib.hold)
-        fid = fidelity(hold_ref, logits, calib.hold_labels, [str(i) for i in range(k_out)], n_boot=1)
+        passes = p + 1
+        plan = _plan_for_error(pl.curves, budget_err, pl.flop_price)
+        walk = _Walk(pl.parent, pl.calib, mode="compress", settings=settings, sens=pl.sens, plan=plan, guard=guard,
+                     cache=pl.cache, progress=progress).run()
+        logits = _logits(walk.work, pl.calib.hold)
+        fid = fidelity(pl.hold_ref, logits, pl.calib.hold_labels, [str(i) for i in range(k_out)], n_boot=1)
         ok = _tolerance_ok(fid, replace(settings, max_logit_delta=d_eff))
         params = sum(q.numel() for q in surgery(walk.work).parameters())
-        log.append(f"pass {p + 1}: predicted error budget {budget_err:.3g}, {params:,} parameters, held-out max "
+        log.append(f"pass {passes}: predicted error budget {budget_err:.3g}, {params:,} parameters, held-out max "
                    f"|Δlogit| {fid['max_abs_dlogit']:.4g}, within tolerance: {ok}")
         entry = {"mode": "tolerance", "lam": plan.lam, "predicted_sq_error": sum(plan.err.values()),
                  "holdout_max_dlogit": fid["max_abs_dlogit"], "params": params, "logit_tolerance": d_eff}
         if ok and (best is None or params < best[1]["params"]):
             best = (walk, entry)
         m = max(fid["max_abs_dlogit"], 1e-12)
-        scale = (d_eff / m) ** 2 * (0.7 if ok else 0.4)
+        scale = (d_eff / m) ** 2 * 0.7 if ok else min(0.5, (d_eff / m) ** 2 * 0.4)
         if ok and scale < 1.5:
             break
-        budget_err *= min(max(scale, 0.05), 50.0)
+        budget_err *= min(max(scale, 0.02), 50.0)
     if best is None:
         log.append("no pass met the tolerance; falling back to the exact stage only")
-        walk = _Walk(parent_net, calib, mode="exact", settings=settings, cache=cache, progress=progress).run()
-        return walk, {"mode": "exact (fallback)", "passes": settings.max_passes + 1}
+        walk = _Walk(pl.parent, pl.calib, mode="exact", settings=settings, cache=pl.cache, progress=progress).run()
+        return walk, {"mode": "exact (fallback)", "passes": passes + 1}
     walk, entry = best
-    entry["passes"] = p + 1
+    entry["passes"] = passes
     return walk, entry
+
+
+def _run_compress(parent_net: PrunedDenseNet, calib: Calibration, settings: CompressSettings, *,
+                  progress: Progress | None, log: list[str]) -> tuple[_Walk, dict[str, Any]]:
+    if settings.exact_only or (settings.target_reduction is None and not settings.tolerances):
+        walk = _Walk(parent_net, calib, mode="exact", settings=settings, progress=progress)
+        _check_sizes(parent_net, calib, walk)
+        return walk.run(), {"mode": "exact", "passes": 1}
+    pl = _planning(parent_net, calib, settings, progress)
+    if settings.target_reduction is not None:
+        guard = _guard(pl, settings.max_logit_delta) if settings.tolerances else None
+        return _for_target(pl, settings.target_reduction, guard, progress)
+    return _for_tolerance(pl, progress, log)
+
+
+def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk: _Walk, info: dict[str, Any],
+            log: list[str], report_data: tuple[torch.Tensor, np.ndarray, str] | None, speed: bool,
+            target: float | None, t0: float) -> CompressResult:
+    """Surgery, the new bundle with its history entry, and the report."""
+    net = surgery(walk.work)
+    parent_hash = bundle.content_hash()
+    entry = _history_entry(parent_hash, calib, settings, walk, op=HISTORY_OP)
+    meta = bundle.meta
+    new = Bundle(net, meta.model_copy(update={
+        "arch": ARCH_NAME, "arch_config": to_json_config(net.config), "parent_hash": parent_hash,
+        "history": list(meta.history) + [entry],
+    }))
+    x_rep, y_rep, where = report_data if report_data is not None else (calib.hold, calib.hold_labels,
+                                                                     f"calibration holdout ({len(calib.hold)} images)")
+    report = compression_report(bundle, new, x_rep, y_rep, where=where, speed=speed, seed=settings.seed)
+    exact_tot: dict[str, int] = {}
+    for v in walk.exact_found.values():
+        for k, n in v.items():
+            exact_tot[k] = exact_tot.get(k, 0) + n
+    report.update(
+        settings=dict(settings.__dict__, target_reduction=target),
+        strategy=info,
+        log=list(log),
+        exact_stage=exact_tot,
+        calibration={"manifest_hash": calib.manifest_hash, "split": calib.split, "fit_images": calib.n_images,
+                     "views": calib.views, "holdout_images": int(len(calib.hold))},
+        guard={"steps": len(walk.guard_log), "backoffs": sum(1 for g in walk.guard_log if not g["accepted"])},
+        target_met=None if target is None else report["ratios"]["parameter_reduction"] >= target - 1e-9,
+        parent_hash=parent_hash,
+        wall_time_s=time.perf_counter() - t0,
+    )
+    summary = {k: report["ratios"][k] for k in ("parameter_reduction", "flop_reduction")}
+    summary.update(max_abs_dlogit=report["fidelity"]["max_abs_dlogit"], where=where)
+    new = new.with_meta(notes={**meta.notes, "compression": summary})
+    return CompressResult(new, report)
+
+
+def _prepare(bundle: Bundle, dataset: NIHDataset, settings: CompressSettings,
+             images: np.ndarray | None) -> tuple[PrunedDenseNet, Calibration]:
+    parent_net, _ = as_pruned(bundle.model, bundle.meta.arch, bundle.meta.arch_config)
+    parent_net = copy.deepcopy(parent_net).eval()
+    calib = prepare_calibration(bundle, dataset, holdout_fraction=settings.holdout_fraction, seed=settings.seed,
+                                views=settings.views, memory_mb=settings.memory_mb, images=images)
+    if len(calib.hold) == 0:
+        raise DataError(f"{dataset.root}: the held-out part of the calibration data is empty")
+    return parent_net, calib
 
 
 def compress_bundle(
@@ -1623,45 +1722,35 @@ def compress_bundle(
     """
     settings = settings or CompressSettings()
     t0 = time.perf_counter()
-    parent_net, parent_cfg = as_pruned(bundle.model, bundle.meta.arch, bundle.meta.arch_config)
-    parent_net = copy.deepcopy(parent_net).eval()
-    calib = prepare_calibration(bundle, dataset, holdout_fraction=settings.holdout_fraction, seed=settings.seed,
-                                views=settings.views, memory_mb=settings.memory_mb, images=images)
-    if len(calib.hold) == 0:
-        raise DataError(f"{dataset.root}: the held-out part of the calibration data is empty")
+    parent_net, calib = _prepare(bundle, dataset, settings, images)
     log: list[str] = []
     walk, info = _run_compress(parent_net, calib, settings, progress=progress, log=log)
-    net = surgery(walk.work)
-    parent_hash = bundle.content_hash()
-    entry = _history_entry(parent_hash, calib, settings, walk, op=HISTORY_OP)
-    meta = bundle.meta
-    new = Bundle(net, meta.model_copy(update={
-        "arch": ARCH_NAME, "arch_config": to_json_config(net.config), "parent_hash": parent_hash,
-        "history": list(meta.history) + [entry],
-    }))
-    new = new.with_meta()  # re-validate
-    x_rep, y_rep, where = report_data if report_data is not None else (calib.hold, calib.hold_labels,
-                                                                     f"calibration holdout ({len(calib.hold)} images)")
-    parent_bundle = Bundle(parent_net, meta)
-    report = compression_report(parent_bundle, new, x_rep, y_rep, where=where, speed=speed, seed=settings.seed)
-    exact_tot: dict[str, int] = {}
-    for v in walk.exact_found.values():
-        for k, n in v.items():
-            exact_tot[k] = exact_tot.get(k, 0) + n
-    target = settings.target_reduction
-    report.update(
-        settings={k: v for k, v in settings.__dict__.items()},
-        strategy=info,
-        log=log,
-        exact_stage=exact_tot,
-        calibration={"manifest_hash": calib.manifest_hash, "split": calib.split, "fit_images": calib.n_images,
-                     "views": calib.views, "holdout_images": int(len(calib.hold))},
-        guard={"steps": len(walk.guard_log), "backoffs": sum(1 for g in walk.guard_log if not g["accepted"])},
-        target_met=None if target is None else report["ratios"]["parameter_reduction"] >= target - 1e-9,
-        parent_hash=parent_hash,
-        wall_time_s=time.perf_counter() - t0,
-    )
-    return CompressResult(new, report)
+    return _finish(bundle, calib, settings, walk, info, log, report_data, speed, settings.target_reduction, t0)
+
+
+def compress_targets(
+    bundle: Bundle,
+    dataset: NIHDataset,
+    targets: list[float],
+    settings: CompressSettings | None = None,
+    *,
+    report_data: tuple[torch.Tensor, np.ndarray, str] | None = None,
+    speed: bool = False,
+    images: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> list[CompressResult]:
+    """One compressed bundle per target reduction, sharing one planning pass (for trade-off curves)."""
+    settings = settings or CompressSettings()
+    parent_net, calib = _prepare(bundle, dataset, settings, images)
+    pl = _planning(parent_net, calib, settings, progress)
+    out = []
+    for target in targets:
+        t0 = time.perf_counter()
+        guard = _guard(pl, settings.max_logit_delta) if settings.tolerances else None
+        walk, info = _for_target(pl, target, guard, progress)
+        out.append(_finish(bundle, calib, replace(settings, target_reduction=target), walk, info, [], report_data,
+                           speed, target, t0))
+    return out
 
 
 def _history_entry(parent_hash: str, calib: Calibration, settings: CompressSettings, walk: _Walk, *, op: str,

@@ -67,8 +67,8 @@ FAULT_FILE = "fault.json"
 FAULT_SYNTAX: dict[str, str] = {
     "scanner_shift": "scanner_shift[:gamma=G,contrast=C,brightness=B,noise=N]  (defaults gamma=1.2,contrast=1.6,"
                      "brightness=0,noise=0.03)",
-    "shortcut": "shortcut:LABEL[,fraction=F]  (tube on LABEL's train_val positives and on fraction F of its "
-                "test negatives; default 0.5)",
+    "shortcut": "shortcut:LABEL[,fraction=F,train_fraction=T]  (tube on fraction T of LABEL's train_val "
+                "positives and on fraction F of its test negatives; defaults T=1, F=0.5)",
     "blur": "blur[:sigma=S]  (Gaussian sigma in pixels of a 64-px image, scaled with image width; default 1.5)",
     "prevalence": "prevalence:LABEL=P  (0 <= P <= 1; rows subsampled within each split)",
     "label_noise": "label_noise:RATE[,label=LABEL]  (flip that fraction of (image, label) entries; 0 < RATE <= 1)",
@@ -79,7 +79,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     # strong enough that even a 1-epoch model's scores move wholesale against its thresholds
     # (measured on 5 phantom/model seeds, bench/bench_monitors.py), yet a plausible protocol change.
     "scanner_shift": {"gamma": 1.2, "contrast": 1.6, "brightness": 0.0, "noise": 0.03},
-    "shortcut": {"fraction": 0.5},
+    "shortcut": {"fraction": 0.5, "train_fraction": 1.0},
     "blur": {"sigma": 1.5},
     "prevalence": {},
     "label_noise": {},
@@ -159,7 +159,8 @@ def parse_fault(spec: str) -> FaultSpec:
         if len(bare) != 1:
             raise _bad(spec, "shortcut needs exactly one LABEL")
         params["label"] = _label(spec, bare[0])
-        keyed_only({"fraction": dict(low=0, low_open=True, high=1)})
+        keyed_only({"fraction": dict(low=0, low_open=True, high=1),
+                    "train_fraction": dict(low=0, low_open=True, high=1)})
     elif name == "blur":
         if len(bare) > 1:
             raise _bad(spec, "blur takes at most one sigma")
@@ -331,8 +332,10 @@ def _plan(spec: FaultSpec, ds: NIHDataset, splits: dict[str, str], seed: int) ->
             raise DataError(f"{ds.root}: the shortcut fault needs {' and '.join(SPLIT_FILES.values())} "
                             "(tube on train_val positives, on test negatives)")
         k = CHEXNET_LABELS.index(p["label"])
-        train_pos = [n for n, y in zip(names, labels[:, k]) if y and splits.get(n) == "train_val"]
+        all_train_pos = [n for n, y in zip(names, labels[:, k]) if y and splits.get(n) == "train_val"]
         test_neg = [n for n, y in zip(names, labels[:, k]) if not y and splits.get(n) == "test"]
+        n_train = int(round(p["train_fraction"] * len(all_train_pos)))
+        train_pos = [all_train_pos[i] for i in sorted(rng.permutation(len(all_train_pos))[:n_train].tolist())]
         n_pick = int(round(p["fraction"] * len(test_neg)))
         picked = sorted(rng.permutation(len(test_neg))[:n_pick].tolist())
         for n in train_pos:
@@ -342,7 +345,8 @@ def _plan(spec: FaultSpec, ds: NIHDataset, splits: dict[str, str], seed: int) ->
         plan.affected = [p["label"]]
         plan.expected = [{"kind": "fp_cluster", "labels": [p["label"]],
                           "when": "a model trained on this folder's train_val is audited on its test split"}]
-        plan.notes = {"train_val_positives_marked": len(train_pos), "test_negatives": len(test_neg),
+        plan.notes = {"train_val_positives": len(all_train_pos), "train_val_positives_marked": len(train_pos),
+                      "test_negatives": len(test_neg),
                       "test_negatives_marked": n_pick}
     elif spec.name == "prevalence":
         k = CHEXNET_LABELS.index(p["label"])

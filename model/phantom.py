@@ -49,6 +49,7 @@ __all__ = [
     "ANATOMY_VARIATION",
     "MAX_FOLLOWUPS",
     "NIH_HEADER",
+    "FIELD_OF_VIEW_MM",
     "generate_phantoms",
     "render_phantom",
     "sample_label_vectors",

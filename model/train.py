@@ -113,6 +113,8 @@ def fit_model(
         running = 0.0
         for start in range(0, len(images), batch_size):
             idx = order[start : start + batch_size]
+            if len(idx) == 1 and len(images) > 1:
+                continue  # BatchNorm cannot train on one image with 1x1 maps; it is seen next epoch
             x = to_model_input(images[idx], bundle.meta)
             if aug is not None:
                 x = aug(x, generator)

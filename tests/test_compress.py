@@ -236,7 +236,7 @@ def test_reconstruction_beats_pruning_without_refit(half, data):
     # naive: same structure, weights copied from the parent's kept channels, no re-fit
     naive = _naive_copy(parent, comp)
     err_naive = np.abs(_logits(naive, x) - ref).mean()
-    assert err < 0.7 * err_naive, (err, err_naive)
+    assert err < 0.8 * err_naive, (err, err_naive)
 
 
 def _naive_copy(parent: Bundle, comp: Bundle) -> nn.Module:

@@ -60,7 +60,9 @@ def _grey(path: Path) -> np.ndarray:
 def test_parse_fault_defaults_and_params() -> None:
     assert parse_fault("scanner_shift").params == {"gamma": 1.2, "contrast": 1.6, "brightness": 0.0, "noise": 0.03}
     assert parse_fault("scanner_shift:gamma=1.6,contrast=0.7,noise=0.03").params["contrast"] == 0.7
-    assert parse_fault("shortcut:Pneumothorax").params == {"label": "Pneumothorax", "fraction": 0.5}
+    assert parse_fault("shortcut:Pneumothorax").params == {"label": "Pneumothorax", "fraction": 0.5,
+                                                           "train_fraction": 1.0}
+    assert parse_fault("shortcut:Mass,train_fraction=0.6").params["train_fraction"] == 0.6
     assert parse_fault("shortcut:Pneumothorax,fraction=0.3").params["fraction"] == 0.3
     assert parse_fault("blur").params == {"sigma": 1.5}
     assert parse_fault("blur:2").params == parse_fault("blur:sigma=2").params == {"sigma": 2.0}

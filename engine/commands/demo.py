@@ -96,13 +96,180 @@ def run(args: argparse.Namespace) -> int:
               reused, time.perf_counter() - t)
     summary["outputs"]["evaluation"] = str(eval_path)
 
-    table = Table(title="demo outputs")
-    table.add_column("what")
-    table.add_column("where")
-    for key, value in summary["outputs"].items():
-        table.add_row(key, value)
+    stages = _later_stages(cfg, out, data, model_path, stamps, summary)
+    console.print()
+    table = Table(title="demo summary")
+    for col in ("scenario", "model", "policy", "issues found", "decision", "outcome", "exit"):
+        table.add_column(col)
+    for row in stages:
+        table.add_row(*row)
     console.print(table)
+    paths = Table(title="where everything is")
+    paths.add_column("what")
+    paths.add_column("where")
+    for key, value in summary["outputs"].items():
+        paths.add_row(key, value)
+    console.print(paths)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "summary.json", summary)
     console.print(f"Finished in {summary['seconds']:.1f} s. Summary: {out / 'summary.json'}")
     return 0
+
+
+def _cli(argv: list[str]) -> int:
+    """Run one CLI command in-process (the demo is the commands a user would type)."""
+    from cli import main
+
+    console.print(f"[dim]$ python cli.py {' '.join(argv)}[/]")
+    return main(argv)
+
+
+def _checked(argv: list[str], ok: tuple[int, ...] = (0,)) -> int:
+    from engine.errors import TriageError
+
+    code = _cli(argv)
+    if code not in ok:
+        raise TriageError(f"demo step failed: `python cli.py {' '.join(argv)}` exited {code}")
+    return code
+
+
+def _decision_summary(run_dir: Path) -> tuple[str, str, str]:
+    """(issues, decisions, outcome) in words from a run's decision.json."""
+    import json
+
+    path = run_dir / "decision.json"
+    if not path.is_file():
+        return ("?", "?", "no decision.json")
+    record = json.loads(path.read_text())
+    facts = record.get("facts", [])
+    issues = sorted({f"{f.get('kind')}:{f.get('label') or '-'}" for f in facts
+                     if f.get("kind") not in ("prevalence_shift", "input_drift", "cannot_assess")})
+    chosen = [f"{t.get('label') or '-'}: {t.get('intervention') or 'none'} ({t.get('outcome')})"
+              for t in record.get("treatments", [])]
+    shown = ", ".join(issues[:4]) + (f" (+{len(issues) - 4})" if len(issues) > 4 else "")
+    decided = "; ".join(chosen[:3]) + (f" (+{len(chosen) - 3})" if len(chosen) > 3 else "") or "none"
+    return (shown or "none", decided, str(record.get("outcome", "?")))
+
+
+def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stamps: Path,
+                  summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    """compress -> inject faults -> triage each -> reports. Returns the summary table rows."""
+    import shutil
+
+    policies = Path(__file__).resolve().parents[2] / "policies"
+    default_policy, cheap_policy = policies / "default.yaml", policies / "cheap_retraining.yaml"
+    models, faults, runs, reports = out / "models", out / "data", out / "runs", out / "reports"
+    audit = out / "audit.db"
+    rows: list[tuple[str, ...]] = []
+
+    compressed = models / "compressed.safetensors"
+
+    def compress() -> dict:
+        _checked(["compress", "--model", str(model_path), "--data", str(data), "--out", str(compressed),
+                  "--target-reduction", "0.5", "--seed", str(cfg.seed),
+                  "--report", str(reports / "compression.json")])
+        return {}
+
+    t = time.perf_counter()
+    reused, _ = run_step(Step("compress", (compressed,), {"model": file_digest(model_path)}), stamps, compress)
+    _announce(f"compress to half the parameters → {compressed}", reused, time.perf_counter() - t)
+    summary["outputs"]["compressed model"] = str(compressed)
+    summary["outputs"]["compression report"] = str(reports / "compression.json")
+
+    scenarios = {"scanner_shift": "scanner_shift", "blur": "blur", "shortcut": "shortcut:Pneumothorax"}
+    fault_dirs = {}
+    for name, spec in scenarios.items():
+        target = faults / name
+
+        def inject(target: Path = target, spec: str = spec) -> dict:
+            if target.exists():
+                shutil.rmtree(target)
+            _checked(["inject", "--data", str(data), "--fault", spec, "--out", str(target), "--seed", str(cfg.seed)])
+            return {}
+
+        t = time.perf_counter()
+        reused, _ = run_step(Step(f"inject_{name}", (target / "fault.json",),
+                                  {"data": file_digest(data), "spec": spec, "seed": cfg.seed}), stamps, inject)
+        _announce(f"inject {spec} → {target}", reused, time.perf_counter() - t)
+        fault_dirs[name] = target
+        summary["outputs"][f"fault {name}"] = str(target)
+
+    # The shortcut scenario is a model that learned the tube on the site's own training data.
+    shortcut_model = models / "shortcut_model.safetensors"
+
+    def train_shortcut() -> dict:
+        return {"exit": _checked(["train", "--data", str(fault_dirs["shortcut"]), "--out", str(shortcut_model),
+                                  "--arch", cfg.preset, "--image-size", str(cfg.image_size),
+                                  "--epochs", str(cfg.epochs), "--seed", str(cfg.seed)])}
+
+    t = time.perf_counter()
+    reused, _ = run_step(Step("train_shortcut", (shortcut_model,),
+                              {"data": file_digest(fault_dirs["shortcut"]), "preset": cfg.preset,
+                               "epochs": cfg.epochs, "seed": cfg.seed}), stamps, train_shortcut)
+    _announce(f"train on the shortcut-contaminated training split → {shortcut_model}", reused,
+              time.perf_counter() - t)
+    summary["outputs"]["shortcut model"] = str(shortcut_model)
+
+    triages = [
+        ("scanner_shift", compressed, fault_dirs["scanner_shift"], default_policy, ["--parent", str(model_path)]),
+        ("blur", compressed, fault_dirs["blur"], default_policy, ["--parent", str(model_path)]),
+        ("shortcut", shortcut_model, fault_dirs["shortcut"], default_policy, []),
+        ("shortcut", shortcut_model, fault_dirs["shortcut"], cheap_policy, []),
+    ]
+    for scenario, model, dataset, policy, extra in triages:
+        run_dir = runs / f"{scenario}-{policy.stem}"
+
+        def triage(model: Path = model, dataset: Path = dataset, policy: Path = policy, run_dir: Path = run_dir,
+                   extra: list[str] = extra) -> dict:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            code = _checked(["triage", "--model", str(model), "--data", str(dataset), "--policy", str(policy),
+                             "--out", str(run_dir), "--audit", str(audit), "--seed", str(cfg.seed), *extra],
+                            ok=(0, 3, 4))
+            return {"exit": code}
+
+        t = time.perf_counter()
+        reused, info = run_step(Step(f"triage_{run_dir.name}", (run_dir / "decision.json",),
+                                     {"model": file_digest(model), "data": file_digest(dataset),
+                                      "policy": file_digest(policy), "seed": cfg.seed}), stamps, triage)
+        _announce(f"triage {scenario} with {policy.name} → {run_dir}", reused, time.perf_counter() - t)
+        issues, decided, outcome = _decision_summary(run_dir)
+        rows.append((scenario, model.stem, policy.stem, issues, decided, outcome, str(info.get("exit"))))
+        summary["outputs"][f"run {run_dir.name}"] = str(run_dir)
+
+        report_file = reports / f"run-{run_dir.name}.html"
+
+        def run_report(run_dir: Path = run_dir, report_file: Path = report_file) -> dict:
+            _checked(["audit", "report", str(run_dir), "--audit", str(audit), "--out", str(report_file)])
+            return {}
+
+        run_step(Step(f"run_report_{run_dir.name}", (report_file,),
+                      {"run": file_digest(run_dir / "decision.json")}), stamps, run_report)
+        summary["outputs"][f"regulator report {run_dir.name}"] = str(report_file)
+
+    from model.data import load_nih_dataset
+
+    test = load_nih_dataset(data, "test")
+    positives = [i for i in range(len(test)) if test.labels[i].any()][:3]
+    images = [str(test.image_path(i)) for i in positives]
+    clinical = reports / "clinical"
+
+    def clinical_reports() -> dict:
+        if clinical.exists():
+            shutil.rmtree(clinical)
+        argv = ["report", "--model", str(compressed), "--out", str(clinical)]
+        for image in images:
+            argv += ["--image", image]
+        _checked(argv)
+        return {}
+
+    t = time.perf_counter()
+    reused, _ = run_step(Step("clinical_reports", (clinical,), {"model": file_digest(compressed), "images": images}),
+                         stamps, clinical_reports)
+    _announce(f"clinical reports for {len(images)} test images → {clinical}", reused, time.perf_counter() - t)
+    summary["outputs"]["clinical reports"] = str(clinical)
+    summary["outputs"]["audit trail"] = str(audit)
+    _checked(["audit", "verify", "--audit", str(audit)])
+    summary["triage"] = [dict(zip(("scenario", "model", "policy", "issues", "decision", "outcome", "exit"), r))
+                         for r in rows]
+    return rows

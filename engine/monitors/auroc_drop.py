@@ -1,10 +1,11 @@
 """AUROC drop: the ranking itself got worse, beyond what resampling noise explains.
 
-Fires when ``reference - auroc - max_drop`` exceeds ``z(1 - alpha/2)`` standard errors of the
-difference, the standard error combining this data's bootstrap (``n_boot`` resamples) with the
-reference's own (read off its stored 95 % CI): noise on a handful of positives, here or in the
-reference, does not fire it. Without a reference CI this reduces to "the upper CI bound of this
-data's AUROC is below reference - max_drop". Labels with fewer than ``min_comparison_positives``
+Fires when ``reference - auroc - max_drop`` exceeds ``z`` standard errors of the difference, the
+standard error combining this data's (bootstrap over ``n_boot`` resamples) with the reference's
+(read off its stored 95 % CI), each floored by the Hanley-McNeil formula because a bootstrap over a
+handful of positives looks more precise than it is. ``z`` is two-sided at ``alpha`` divided by the
+number of labels compared (family-wise: one audit tests 14 labels). Without a reference CI this is
+"the upper confidence bound of this data's AUROC is below reference - max_drop". Labels with fewer than ``min_comparison_positives``
 positives here or in the reference are skipped (``validity`` reports them): the bootstrap of one
 positive's rank looks precise and is not. The bootstrap only
 runs when the point estimate is already below the line, which keeps a healthy audit cheap.
@@ -19,6 +20,7 @@ from engine.facts import IssueFact
 from engine.monitors.base import (
     Monitor,
     MonitorContext,
+    auroc_se,
     bootstrap_counts,
     comparable,
     iter_labels,
@@ -41,44 +43,46 @@ class AurocDropMonitor(Monitor):
     section = _SECTION
 
     def run(self, ctx: MonitorContext, config: MonitorConfig) -> list[IssueFact]:
+        labs = [lab for lab in iter_labels(ctx, config)
+                if config.for_label(lab.name).auroc_drop.enabled and lab.reference.get("auroc") is not None
+                and comparable(lab, config)]
         facts = []
-        for lab in iter_labels(ctx, config):
+        for lab in labs:
             cfg_all = config.for_label(lab.name)
             cfg = cfg_all.auroc_drop
-            ref_auc = lab.reference.get("auroc")
-            if not cfg.enabled or ref_auc is None or not comparable(lab, config):
-                continue
+            ref = lab.reference
+            ref_auc = float(ref["auroc"])
             auc = auroc(lab.y, lab.logits)
             line = ref_auc - cfg.max_drop
             if not auc < line:
                 continue
             boot = weighted_auroc(lab.y, lab.logits, bootstrap_counts(len(lab.y), cfg.n_boot, [config.seed, lab.k, 2]))
             boot = boot[np.isfinite(boot)]
-            if not len(boot):
+            if len(boot) < 2:
                 continue
-            lo, hi = (float(v) for v in np.quantile(boot, [cfg.alpha / 2, 1 - cfg.alpha / 2]))
-            z = float(norm.ppf(1 - cfg.alpha / 2))
-            se = float(boot.std(ddof=1))
-            ref_lo, ref_hi = lab.reference.get("auroc_ci_low"), lab.reference.get("auroc_ci_high")
-            ref_se = (ref_hi - ref_lo) / (2 * float(norm.ppf(0.975))) if ref_lo is not None and ref_hi is not None else 0.0
+            level = cfg.alpha / len(labs)  # family-wise over the labels compared in this audit
+            z = float(norm.ppf(1 - level / 2))
+            se = max(float(boot.std(ddof=1)), auroc_se(auc, lab.positives, lab.negatives))
+            ref_se = 0.0
+            if ref.get("auroc_ci_low") is not None and ref.get("auroc_ci_high") is not None:
+                ref_se = (ref["auroc_ci_high"] - ref["auroc_ci_low"]) / (2 * float(norm.ppf(0.975)))
+            if ref.get("positives") and ref.get("n"):
+                ref_se = max(ref_se, auroc_se(ref_auc, int(ref["positives"]), int(ref["n"] - ref["positives"])))
             margin = z * float(np.hypot(se, ref_se))
-            if ref_se == 0.0:
-                fired = hi < line  # percentile CI of this data only
-            else:
-                fired = ref_auc - auc - cfg.max_drop > margin
-            if not fired:
+            if not ref_auc - auc - cfg.max_drop > margin:
                 continue
+            lo, hi = (float(v) for v in np.quantile(boot, [0.025, 0.975]))
             facts.append(self.fact(
                 "auroc_drop",
                 label=lab.name,
                 severity=severity_for(ref_auc - auc, cfg.max_drop, cfg_all),
                 message=f"{lab.name}: AUROC {auc:.3f} (95% CI {lo:.3f}-{hi:.3f}) below reference {ref_auc:.3f} "
-                        f"minus {cfg.max_drop:g}.",
+                        f"minus {cfg.max_drop:g} by more than the noise margin {margin:.3f}.",
                 measured={"auroc": auc, "auroc_ci_low": lo, "auroc_ci_high": hi, "drop": ref_auc - auc,
-                          "auroc_se": se, "reference_se": ref_se, "margin": margin,
+                          "auroc_se": se, "reference_se": ref_se, "margin": margin, "level": level,
                           "positives": lab.positives, "n": len(lab.y)},
-                reference={k: lab.reference.get(k) for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "positives")},
+                reference={k: ref.get(k) for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "positives", "n")},
                 threshold={f"{_SECTION}.max_drop": cfg.max_drop, f"{_SECTION}.alpha": cfg.alpha},
-                evidence={"n_boot": cfg.n_boot, "ci_level": 1 - cfg.alpha},
+                evidence={"n_boot": cfg.n_boot, "labels_compared": len(labs)},
             ))
         return facts

@@ -48,6 +48,7 @@ __all__ = [
     "severity_for",
     "sample_ids",
     "logit",
+    "auroc_se",
     "bootstrap_counts",
     "weighted_auroc",
     "weighted_j_curve",
@@ -300,6 +301,19 @@ def severity_for(excess: float, tolerance: float, config: MonitorConfig) -> str:
     if tolerance > 0 and excess >= config.high_severity_factor * tolerance:
         return "high"
     return "medium"
+
+
+def auroc_se(a: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUROC ``a`` from ``n_pos`` / ``n_neg`` cases.
+
+    A floor for bootstrap standard errors, which come out too small with a handful of positives
+    (a resample can only reshuffle the few positives there are).
+    """
+    if n_pos < 1 or n_neg < 1 or not math.isfinite(a):
+        return float("nan")
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return math.sqrt(max(var, 0.0))
 
 
 def logit(p: float) -> float:

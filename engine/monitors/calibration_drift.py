@@ -1,16 +1,17 @@
 """Calibration drift: the probabilities (and so the operating point) moved, the ranking did not.
 
 Three criteria per label, each robust to the noise of a handful of positives (here and in the
-small held-out part the reference was measured on):
+small held-out part the reference was measured on). The two statistical ones are family-wise:
+``alpha`` is divided by the number of labels assessed (one audit tests 14 labels).
 
 * **ECE**: this data's ECE, reweighted to the reference's class balance (label-shift importance
   weights: a test split that merely holds more positives than the reference part is not drift)
   and bootstrap bias-corrected, exceeds the reference ECE by ``ece_increase`` plus a one-sided
-  ``alpha`` margin whose standard error combines this data's bootstrap with the reference's
-  (the same spread scaled to the reference's size);
+  one-sided margin whose standard error combines this data's bootstrap with the reference's (the
+  same spread scaled to the reference's size);
 * **operating point**: the Youden-J threshold on this data is at least ``threshold_shift`` away from
   the deployed threshold, the deployed threshold costs at least ``min_j_loss`` of Youden's J against
-  the best threshold (bias-corrected lower bootstrap bound: J curves are often flat, so the Youden
+  the best threshold (bias-corrected lower confidence bound: J curves are often flat, so the Youden
   threshold alone wanders by noise), and the AUROC is intact (>= ``min_auroc_ratio`` x reference):
   an operating-point problem that re-thresholding can fix, not a ranking problem;
 * **threshold displacement**: the reference's false-positive rate at its threshold says where that
@@ -69,10 +70,9 @@ class CalibrationDriftMonitor(Monitor):
     def run(self, ctx: MonitorContext, config: MonitorConfig) -> list[IssueFact]:
         facts = []
         shared: dict[tuple, np.ndarray] = {}  # one set of resamples for all labels (same rows)
-        for lab in iter_labels(ctx, config):
+        labs = [lab for lab in iter_labels(ctx, config) if config.for_label(lab.name).calibration_drift.enabled]
+        for lab in labs:
             cfg = config.for_label(lab.name)
-            if not cfg.calibration_drift.enabled:
-                continue
 
             def resamples(n_boot: int, n: int = len(lab.y)) -> np.ndarray:
                 key = (n, n_boot)
@@ -80,7 +80,7 @@ class CalibrationDriftMonitor(Monitor):
                     shared[key] = bootstrap_counts(n, n_boot, [config.seed, 1])
                 return shared[key]
 
-            fact = self._check(lab, cfg, resamples)
+            fact = self._check(lab, cfg, resamples, family=len(labs))
             if fact is not None:
                 facts.append(fact)
         return facts
@@ -104,7 +104,7 @@ class CalibrationDriftMonitor(Monitor):
                 "reference_fp_rate": float(fp / n0), "negatives_logit_median": float(median),
                 "negatives_logit_scale": float(scale)}
 
-    def _check(self, lab: LabelData, config: MonitorConfig, resamples) -> IssueFact | None:
+    def _check(self, lab: LabelData, config: MonitorConfig, resamples, family: int) -> IssueFact | None:
         cfg = config.calibration_drift
         ref = lab.reference
         y, p = lab.y, lab.probs
@@ -122,6 +122,7 @@ class CalibrationDriftMonitor(Monitor):
         excess: list[tuple[float, float]] = []
         measured: dict[str, object] = {}
         counts = None
+        z = float(norm.ppf(1 - cfg.alpha / max(family, 1)))  # one-sided, family-wise over the labels assessed
         # ECE at the reference's class balance (label-shift importance weights), so that a test split
         # that merely holds more or fewer positives than the small reference part does not count.
         w = _prevalence_weights(y, ref.get("prevalence"))
@@ -135,7 +136,7 @@ class CalibrationDriftMonitor(Monitor):
             ref_n = ref.get("n")
             se_ref = se * float(np.sqrt(len(y) / ref_n)) if ref_n else 0.0
             ece_bc = float(2 * ece_adj - boot.mean())  # ECE is biased upwards; bootstrap bias correction
-            margin = float(norm.ppf(1 - cfg.alpha)) * float(np.hypot(se, se_ref))
+            margin = z * float(np.hypot(se, se_ref))
             measured.update(ece_bias_corrected=ece_bc, ece_margin=margin)
             if ece_bc - ref_ece - cfg.ece_increase >= margin:
                 fired[f"{_SECTION}.ece_increase"] = cfg.ece_increase
@@ -150,8 +151,9 @@ class CalibrationDriftMonitor(Monitor):
                 _, j_boot = weighted_j_curve(y, p, counts)
                 j_boot = j_boot[np.isfinite(j_boot).all(axis=1)]  # resamples with both classes
                 loss_boot = j_boot.max(axis=1) - j_at(values, j_boot, deployed)
-                # basic bootstrap: the best threshold's J is optimistic on the data it was chosen on
-                j_loss_lower = float(2 * j_loss - np.quantile(loss_boot, 1 - cfg.alpha)) if len(loss_boot) else np.nan
+                # bootstrap bias correction: the best threshold's J is optimistic on the data it was chosen on
+                j_loss_lower = (float(2 * j_loss - loss_boot.mean() - z * loss_boot.std(ddof=1))
+                                if len(loss_boot) > 1 else float("nan"))
                 measured["j_loss_lower"] = j_loss_lower
                 if j_loss_lower >= cfg.min_j_loss:
                     fired[f"{_SECTION}.threshold_shift"] = cfg.threshold_shift

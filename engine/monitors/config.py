@@ -55,32 +55,30 @@ class CalibrationDriftConfig(_Section):
     n_bins: int = Field(10, ge=2, description="Equal-width probability bins of the ECE (the reference ECE is "
                         "measured with 10; change both or neither).")
     n_boot: int = Field(200, ge=20, description="Bootstrap resamples for the ECE margin and the J-loss bound.")
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided error rate of the ECE margin and J-loss bound.")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided, family-wise (Bonferroni over the labels "
+                         "assessed) error rate of the ECE margin and the J-loss bound.")
 
 
 class FpClusterConfig(_Section):
-    """A label's false positives share one cause that the true positives do not have (a shortcut)."""
+    """A label's false positives share a cause that neither its TPs nor its TNs have (a shortcut)."""
 
-    min_fp: int = Field(5, ge=2, description="Fewest false positives (and cluster members) worth clustering.")
-    min_share: float = Field(0.5, gt=0, le=1, description="The cluster must hold at least this share of the FPs.")
-    min_separation_auroc: float = Field(0.9, gt=0.5, le=1, description="Cross-validated AUROC of a linear "
-                                        "discriminant telling cluster members from true positives (outside the logit "
-                                        "direction) must reach this.")
-    max_reference_share: float = Field(0.2, ge=0, le=1, description="With k >= 2 clusters, at most this share of "
-                                       "the true positives may fall into the cluster's k-means cell.")
-    min_tp: int = Field(5, ge=2, description="Fewest true positives to compare the cluster with; with fewer, "
-                        "separability cannot be judged and the label is skipped (compare with false negatives "
-                        "instead and low-scoring images look 'separable' from high-scoring ones).")
-    n_permutations: int = Field(50, ge=10, description="Label permutations of the separability test ...")
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="... whose p-value must be below this: a handful of "
-                         "points in 32 dimensions separate by chance.")
-    max_k: int = Field(4, ge=2, description="Largest number of k-means clusters tried among the FPs.")
-    min_silhouette: float = Field(0.2, ge=-1, le=1, description="Below this best silhouette the FPs are treated "
-                                  "as one group (k = 1).")
-    n_feature_channels: int = Field(32, ge=2, description="Cluster in the centred contributions "
-                                    "w_kc * f_c of the channels whose contributions vary most.")
-    max_points: int = Field(250, ge=20, description="Subsample FPs / references to at most this many rows for "
-                            "clustering and the separability check (keeps 10k-row audits fast).")
+    min_fp: int = Field(5, ge=2, description="Fewest false positives (and cluster members) worth examining.")
+    min_tp: int = Field(10, ge=2, description="Fewest true positives to compare with; with fewer the label is "
+                        "skipped (false negatives would look different merely for scoring low).")
+    max_reference_share: float = Field(0.2, gt=0, lt=1, description="The slice is the FPs whose cross-fitted "
+                                       "FP-vs-TP discriminant score beats all but this share of the TPs ...")
+    min_share: float = Field(0.5, gt=0, le=1, description="... and it must hold this share of the FPs.")
+    min_separation_auroc: float = Field(0.9, gt=0.5, le=1, description="Cross-fitted AUROC, cluster vs true "
+                                        "positives, must reach this ...")
+    min_negative_separation_auroc: float = Field(0.8, gt=0.5, le=1, description="... and, along the same "
+                                                 "discriminant, cluster vs true negatives this: a shortcut is "
+                                                 "something ordinary negatives lack too.")
+    n_permutations: int = Field(50, ge=10, description="FP/TP label permutations of the slice-share test ...")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="... whose p-value must be below this.")
+    n_components: int = Field(64, ge=2, description="Principal axes of the standardised pooled features the "
+                              "analysis works in (fitted once per audit on up to 2,000 rows).")
+    max_points: int = Field(250, ge=20, description="Subsample FPs / TPs / TNs to at most this many rows each "
+                            "(keeps 10k-row audits fast).")
     max_channels: int = Field(10, ge=1, description="Top classifier channels reported as evidence.")
 
 
@@ -89,7 +87,8 @@ class RecallCollapseConfig(_Section):
 
     min_recall_ratio: float = Field(0.6, gt=0, le=1, description="Fire when recall < this times reference sensitivity ...")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="... and a one-sided Fisher exact test of the detected/missed "
-                         "counts against the reference's says recall is lower at this level.")
+                         "counts against the reference's says recall is lower at this family-wise level (Bonferroni "
+                         "over the labels compared).")
 
 
 class AurocDropConfig(_Section):
@@ -98,8 +97,8 @@ class AurocDropConfig(_Section):
     max_drop: float = Field(0.05, ge=0, lt=1, description="Fire when the AUROC is below reference minus this by "
                             "more than the confidence margin of the difference ...")
     n_boot: int = Field(500, ge=20, description="Bootstrap resamples of this data's AUROC.")
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="... at this two-sided level: the margin combines this "
-                         "data's bootstrap standard error with the reference's (from its stored CI).")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="... at this two-sided, family-wise level (Bonferroni over "
+                         "the labels compared); the margin combines this data's standard error with the reference's.")
 
 
 class CompressionFidelityConfig(_Section):
@@ -135,7 +134,7 @@ class MonitorConfig(BaseModel):
 
     min_positives: int = Field(1, ge=1, description="Labels with fewer positives (or no negatives) on the audited "
                                "data get a cannot_assess fact instead of metrics.")
-    min_comparison_positives: int = Field(5, ge=1, description="Sensitivity and AUROC comparisons (recall_collapse, "
+    min_comparison_positives: int = Field(10, ge=1, description="Sensitivity and AUROC comparisons (recall_collapse, "
                                           "auroc_drop, calibration_drift's 'ranking intact') need this many positives "
                                           "on the reference part and on the audited data; with fewer they are noise "
                                           "(a single positive's rank) and are skipped, reported as cannot_assess (info).")

@@ -1,39 +1,49 @@
-"""FP cluster: a label's false positives share one cause that its true positives do not (a shortcut).
+"""FP cluster: a label's false positives share a cause that neither its true positives nor its
+true negatives have (a shortcut, e.g. the chest drain that marks treated pneumothorax).
 
-Per label, at the deployed threshold:
+Per label, at the deployed threshold, in a 64-d PCA space of the standardised pooled features
+(fitted once per audit) with the label's logit direction regressed out, so that "FPs score higher
+than TNs / lower than TPs" never counts, only *what else* sets them apart:
 
-1. represent each image by its centred contributions ``w_kc * (f_c - mean_c)`` on the
-   ``n_feature_channels`` channels whose contributions vary most, with the logit direction (the
-   sum of the contributions) projected out, so that "FPs score lower than TPs" never counts as a
-   difference, only *what* drives the score does;
-2. cluster the FPs there with k-means (k = 2..``max_k``, chosen by silhouette; below
-   ``min_silhouette`` the FPs are one group) and take the largest cluster;
-3. it must hold ``min_share`` of the FPs and ``min_fp`` images, and be *separable from the true
-   positives* (at least ``min_tp`` of them; false negatives would look "separable" merely for
-   scoring low): at most ``max_reference_share`` of the TPs fall into the cluster's k-means cell
-   (k >= 2), and the cross-validated AUROC of a shrinkage linear discriminant, cluster vs TPs,
-   reaches ``min_separation_auroc`` with a permutation p-value below ``alpha``.
+1. **slice**: a shrinkage linear discriminant FPs-vs-TPs is cross-fitted (every image scored by a
+   discriminant that did not see it); the slice is the FPs scoring above all but
+   ``max_reference_share`` of the TPs. A shortcut lifts most FPs there; ordinary FPs do not. Its
+   share of the FPs gets a permutation p-value (FP/TP labels shuffled, the slice re-cut), which
+   must be below ``alpha``;
+2. **unlike the negatives too**: along the slice-vs-TP discriminant (fitted without any TN) the
+   slice must stand out from the true negatives (AUROC >= ``min_negative_separation_auroc``), and
+   the cluster is the slice members that beat all but ``max_reference_share`` of the TNs. This is
+   what tells a shortcut (something ordinary negatives lack too) from FPs that merely lack the
+   finding the TPs have;
+3. the cluster must hold ``min_share`` of the FPs (and ``min_fp`` images) and stay separable from
+   the TPs (cross-fitted AUROC >= ``min_separation_auroc``).
 
-Evidence: the member image ids; the classifier channels whose contribution is higher on the cluster
-than on the reference positives (``w_kc * f_c``, cluster mean minus reference mean); and
-``n_channels_needed``, the fewest of those channels whose removal (zeroing ``w_kc``) pushes the
-cluster's mean logit below the threshold logit. The rules use it: zeroing only when few channels
-explain the cluster.
+The slice is "one cluster" in the sense that one direction of feature space sets all its members
+apart. An earlier version clustered the FPs with k-means instead: on phantoms with an injected
+chest-drain shortcut the k-means cells followed anatomy (the dominant variance), not the drain, and
+split drains on the left from drains on the right; the discriminant finds the drain.
+
+At least ``min_tp`` true positives are needed (false negatives would look different merely for
+scoring low). Evidence: the member image ids; the classifier channels whose contribution
+``w_kc * f_c`` is higher on the cluster than on the TPs; and ``n_channels_needed``, the fewest of
+those channels whose removal (zeroing ``w_kc``) pushes the cluster's mean logit below the threshold
+logit. The rules use it: zeroing only when few channels explain the cluster.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils.extmath import randomized_svd
 
 from engine.facts import IssueFact
 from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels, logit, register_monitor, sample_ids
 from engine.monitors.config import MonitorConfig
 from model.metrics import auroc
 
-__all__ = ["FpClusterMonitor", "separation_auroc", "separation_pvalue", "channels_needed", "kmeans", "silhouette"]
+__all__ = ["FpClusterMonitor", "lda_direction", "crossfit_scores", "fp_slice", "slice_pvalue", "channels_needed"]
 
 _SECTION = "fp_cluster"
-_STATS_ROWS = 2000
+_PCA_ROWS = 2000
 
 
 def _classifier_weights(ctx: MonitorContext) -> np.ndarray | None:
@@ -47,45 +57,54 @@ def _classifier_weights(ctx: MonitorContext) -> np.ndarray | None:
     return w
 
 
-def separation_auroc(a: np.ndarray, b: np.ndarray, *, seed: list[int], folds: int = 5, shrinkage: float = 0.5) -> float:
-    """Cross-validated AUROC of a shrinkage linear discriminant telling rows of ``a`` from rows of ``b``.
+def lda_direction(a: np.ndarray, b: np.ndarray, shrinkage: float = 0.5) -> np.ndarray:
+    """Shrinkage linear discriminant direction separating rows of ``a`` (high) from rows of ``b``."""
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    resid = np.concatenate([a - mu_a, b - mu_b])
+    cov = resid.T @ resid / max(len(resid) - 2, 1)
+    target = np.trace(cov) / len(cov) * np.eye(len(cov))
+    cov = (1 - shrinkage) * cov + shrinkage * target + 1e-9 * np.eye(len(cov))
+    return np.linalg.solve(cov, mu_a - mu_b)
 
-    Stratified folds; the discriminant is fitted on the other folds only, so a separation found by
-    chance in few rows and many dimensions does not count.
-    """
+
+def crossfit_scores(a: np.ndarray, b: np.ndarray, *, seed: list[int], folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold discriminant scores of every row of ``a`` and ``b`` (stratified folds)."""
     x = np.concatenate([a, b])
-    y = np.r_[np.ones(len(a)), np.zeros(len(b))]
+    y = np.r_[np.ones(len(a), bool), np.zeros(len(b), bool)]
     n_folds = int(min(folds, len(a), len(b)))
-    if n_folds < 2:
-        return float("nan")
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=int)
-    for cls in (0, 1):
+    for cls in (True, False):
         idx = np.flatnonzero(y == cls)
         fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % n_folds
     scores = np.empty(len(y))
     for f in range(n_folds):
         train, test = fold != f, fold == f
-        xa, xb = x[train & (y == 1)], x[train & (y == 0)]
-        mu_a, mu_b = xa.mean(axis=0), xb.mean(axis=0)
-        resid = np.concatenate([xa - mu_a, xb - mu_b])
-        cov = resid.T @ resid / max(len(resid) - 2, 1)
-        target = np.trace(cov) / len(cov) * np.eye(len(cov))
-        cov = (1 - shrinkage) * cov + shrinkage * target + 1e-9 * np.eye(len(cov))
-        direction = np.linalg.solve(cov, mu_a - mu_b)
-        scores[test] = x[test] @ direction
-    return auroc(y, scores)
+        scores[test] = x[test] @ lda_direction(x[train & y], x[train & ~y])
+    return scores[: len(a)], scores[len(a):]
 
 
-def separation_pvalue(a: np.ndarray, b: np.ndarray, observed: float, n_permutations: int, *, seed: list[int]) -> float:
-    """Permutation p-value of :func:`separation_auroc`: how often shuffled group labels separate as well."""
-    x = np.concatenate([a, b])
+def fp_slice(fp: np.ndarray, tp: np.ndarray, reference_share: float, *, seed: list[int]
+             ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """FPs whose cross-fitted FP-vs-TP score beats all but ``reference_share`` of the TPs.
+
+    Returns (membership mask over ``fp``, the cut, FP scores, TP scores).
+    """
+    s_fp, s_tp = crossfit_scores(fp, tp, seed=seed)
+    cut = float(np.quantile(s_tp, 1 - reference_share))
+    return s_fp > cut, cut, s_fp, s_tp
+
+
+def slice_pvalue(fp: np.ndarray, tp: np.ndarray, observed_share: float, reference_share: float,
+                 n_permutations: int, *, seed: list[int]) -> float:
+    """Permutation p-value of the slice's share: FP/TP labels shuffled, the slice re-cut each time."""
+    x = np.concatenate([fp, tp])
     rng = np.random.default_rng(seed)
     hits = 0
     for i in range(n_permutations):
         perm = rng.permutation(len(x))
-        value = separation_auroc(x[perm[: len(a)]], x[perm[len(a):]], seed=seed + [i])
-        hits += bool(value >= observed)
+        mask, *_ = fp_slice(x[perm[: len(fp)]], x[perm[len(fp):]], reference_share, seed=seed + [i])
+        hits += bool(mask.mean() >= observed_share)
     return (1 + hits) / (1 + n_permutations)
 
 
@@ -96,6 +115,17 @@ def channels_needed(order: np.ndarray, cluster_contrib: np.ndarray, mean_logit: 
     remaining = mean_logit - np.cumsum(cluster_contrib[order])
     hit = np.flatnonzero(remaining < threshold_logit)
     return int(hit[0] + 1) if len(hit) else None
+
+
+def _pca_scores(feats: np.ndarray, rows: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    """Scores of ``rows`` on the leading principal axes of the standardised features (fitted on a sample)."""
+    rng = np.random.default_rng([seed, 6])
+    sample = feats[np.sort(rng.permutation(rows)[:_PCA_ROWS])].astype(np.float64)
+    mean, std = sample.mean(axis=0), sample.std(axis=0)
+    std = np.where(std > 1e-8 * max(float(std.max()), 1e-30), std, np.inf)  # constant channels drop out
+    k = int(min(n_components, len(sample) - 1, feats.shape[1]))
+    _, _, vt = randomized_svd((sample - mean) / std, k, n_iter=4, random_state=seed)
+    return ((feats[rows].astype(np.float64) - mean) / std) @ vt.T
 
 
 @register_monitor
@@ -112,80 +142,84 @@ class FpClusterMonitor(Monitor):
             return [self.fact("cannot_assess", label=None, severity="low",
                               message="fp_cluster cannot assess: the bundle's classifier is not a Linear layer on the "
                                       "pooled features.", evidence={"reason": "no linear classifier on the features"})]
-        feats = np.asarray(ctx.data.features)  # float32, not copied: only small slices are widened
-        stats: tuple[np.ndarray, np.ndarray] | None = None
+        feats = np.asarray(ctx.data.features)  # float32, not copied: only slices are widened
+        space: np.ndarray | None = None
         facts = []
         for lab in iter_labels(ctx, config):
             cfg_all = config.for_label(lab.name)
             if not cfg_all.fp_cluster.enabled:
                 continue
-            if stats is None:  # channel means/variances from a row sample: they only rank and centre
-                rng = np.random.default_rng([config.seed, 6])
-                sample = feats[np.sort(rng.permutation(lab.rows)[: _STATS_ROWS])]
-                stats = (sample.mean(axis=0, dtype=np.float64), sample.var(axis=0, dtype=np.float64))
-            fact = self._check(ctx, cfg_all, lab, feats, weights[lab.k], stats)
+            pred = lab.probs >= lab.threshold
+            if (pred & (lab.y == 0)).sum() < cfg_all.fp_cluster.min_fp or (pred & (lab.y == 1)).sum() < cfg_all.fp_cluster.min_tp:
+                continue
+            if space is None:  # one PCA basis per audit, rows aligned with lab.rows
+                space = _pca_scores(feats, lab.rows, config.fp_cluster.n_components, config.seed)
+            fact = self._check(ctx, cfg_all, lab, feats, weights[lab.k], space)
             if fact is not None:
                 facts.append(fact)
         return facts
 
     def _check(self, ctx: MonitorContext, config: MonitorConfig, lab: LabelData, feats: np.ndarray,
-               w: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> IssueFact | None:
+               w: np.ndarray, space: np.ndarray) -> IssueFact | None:
         cfg = config.fp_cluster
         pred = lab.probs >= lab.threshold
-        fp = lab.rows[pred & (lab.y == 0)]
-        tp = lab.rows[pred & (lab.y == 1)]
-        if len(fp) < cfg.min_fp:
-            return None
-        if len(tp) < cfg.min_tp:
-            return None
-        ref = tp
+        fp_pos = np.flatnonzero(pred & (lab.y == 0))  # positions within lab.rows / space
+        tp_pos = np.flatnonzero(pred & (lab.y == 1))
+        tn_pos = np.flatnonzero(~pred & (lab.y == 0))
         rng = np.random.default_rng([config.seed, lab.k, 3])
 
-        # The label's "contribution space": centred w_kc * (f_c - mean_c) on the channels whose
-        # contributions vary most over the audited rows (chosen without looking at FP/TP membership,
-        # so the comparison below is not biased towards separating them), with the logit direction
-        # (the sum of the contributions) projected out: "FPs score lower than TPs" must not count,
-        # only *what* drives the score.
-        mean, var = stats
-        channels = np.argsort(-(w * w * var), kind="stable")[: cfg.n_feature_channels]
-        v = np.full(len(channels), 1.0 / np.sqrt(len(channels)))
+        # The label's logit direction regressed out: what sets FPs apart must not be their score.
+        x = space - space.mean(axis=0)
+        z = lab.logits - lab.logits.mean()
+        u = np.linalg.lstsq(x, z, rcond=None)[0]
+        u = u / (np.linalg.norm(u) or 1.0)
+        x = x - np.outer(x @ u, u)
 
-        def space(rows: np.ndarray) -> np.ndarray:
-            x = (feats[np.ix_(rows, channels)].astype(np.float64) - mean[channels]) * w[channels]
-            return x - np.outer(x @ v, v)
+        def sub(pos: np.ndarray) -> np.ndarray:
+            return np.sort(rng.permutation(pos)[: cfg.max_points])
 
-        fp_x = space(fp)
-        sub = np.sort(rng.permutation(len(fp))[: cfg.max_points])
-        members, centers, largest, k_best, sil_best = self._largest_cluster(fp_x, sub, cfg, seed=config.seed + lab.k)
-        cluster = fp[members]
-        share = len(cluster) / len(fp)
-        if share < cfg.min_share or len(cluster) < cfg.min_fp:
+        fp_s, tp_s, tn_s = sub(fp_pos), sub(tp_pos), sub(tn_pos)
+        if len(tn_s) < 2:
             return None
-        rsub = ref[np.sort(rng.permutation(len(ref))[: cfg.max_points])]
-        ra = space(rsub)
-        # A k-means cell cut out of one blob is "separable" from anything spread over the blob; so
-        # with k >= 2 the reference positives must mostly fall outside the cluster's cell.
-        ref_share = 0.0
-        if centers is not None:
-            ref_share = float((_sq_dists(ra, centers).argmin(axis=1) == largest).mean())
-            if ref_share > cfg.max_reference_share:
-                return None
-        csub = cluster[np.sort(rng.permutation(len(cluster))[: cfg.max_points])]
-        ca = space(csub)
-        sep = separation_auroc(ca, ra, seed=[config.seed, lab.k, 4])
-        if not (np.isfinite(sep) and sep >= cfg.min_separation_auroc):
+        q = cfg.max_reference_share
+        mask, cut, s_fp, s_tp = fp_slice(x[fp_s], x[tp_s], q, seed=[config.seed, lab.k, 4])
+        if mask.mean() < cfg.min_share or mask.sum() < cfg.min_fp:
             return None
-        pvalue = separation_pvalue(ca, ra, sep, cfg.n_permutations, seed=[config.seed, lab.k, 5])
+        # Unlike the TNs too: along the slice-vs-TP discriminant (fitted without any TN) the slice
+        # must stand out from the TNs, and its members must beat all but q of the TNs.
+        direction = lda_direction(x[fp_s][mask], x[tp_s])
+        on_fp, on_tn = x[fp_s] @ direction, x[tn_s] @ direction
+        sep_tn = auroc(np.r_[np.ones(mask.sum()), np.zeros(len(tn_s))], np.r_[on_fp[mask], on_tn])
+        cut_tn = float(np.quantile(on_tn, 1 - q))
+        members = mask & (on_fp > cut_tn)
+        share = float(members.mean())
+        if share < cfg.min_share or members.sum() < cfg.min_fp:
+            return None
+        sep_tp = auroc(np.r_[np.ones(members.sum()), np.zeros(len(s_tp))], np.r_[s_fp[members], s_tp])
+        if not (sep_tp >= cfg.min_separation_auroc and sep_tn >= cfg.min_negative_separation_auroc):
+            return None
+        pvalue = slice_pvalue(x[fp_s], x[tp_s], float(mask.mean()), q, cfg.n_permutations,
+                              seed=[config.seed, lab.k, 5])
         if not pvalue < cfg.alpha:
             return None
 
-        # Which classifier channels drive the cluster but not the reference positives.
+        # Membership over all FPs (the decision above used at most max_points of them).
+        if len(fp_s) == len(fp_pos):
+            member_pos = fp_s[members]
+        else:
+            cut_tp = float(np.quantile(x[tp_s] @ direction, 1 - q))
+            score = x[fp_pos] @ direction
+            member_pos = fp_pos[(score > cut_tp) & (score > cut_tn)]
+        cluster, tp = lab.rows[member_pos], lab.rows[tp_pos]
+        share_all = len(member_pos) / len(fp_pos)
+
+        # Which classifier channels drive the cluster but not the true positives.
         c_cluster = w * feats[cluster].mean(axis=0, dtype=np.float64)
-        c_ref = w * feats[ref].mean(axis=0, dtype=np.float64)
+        c_ref = w * feats[tp].mean(axis=0, dtype=np.float64)
         delta = c_cluster - c_ref
         candidates = np.flatnonzero((delta > 0) & (c_cluster > 0))
         order = candidates[np.argsort(-delta[candidates], kind="stable")]
-        mean_logit = float(lab.logits[np.searchsorted(lab.rows, cluster)].mean())
+        mean_logit = float(lab.logits[member_pos].mean())
         thr_logit = logit(lab.threshold)
         needed = channels_needed(order, c_cluster, mean_logit, thr_logit)
         top = order[: cfg.max_channels]
@@ -194,18 +228,21 @@ class FpClusterMonitor(Monitor):
             "fp_cluster",
             label=lab.name,
             severity=severity,
-            message=f"{lab.name}: {len(cluster)} of {len(fp)} false positives ({share:.0%}) form one cluster "
-                    f"separable from the true positives (CV AUROC {sep:.2f}, permutation p={pvalue:.2g}); "
+            message=f"{lab.name}: {len(cluster)} of {len(fp_pos)} false positives ({share_all:.0%}) form one cluster "
+                    f"unlike the true positives (AUROC {sep_tp:.2f}) and the true negatives (AUROC {sep_tn:.2f}), "
+                    f"permutation p={pvalue:.2g}; "
                     + (f"{needed} classifier channel(s) explain it." if needed is not None
                        else "no small set of classifier channels explains it."),
-            measured={"n_fp": len(fp), "n_tp": len(tp), "positives": lab.positives, "cluster_size": len(cluster),
-                      "share": share, "reference_share_in_cluster": ref_share, "separation_auroc": sep,
-                      "separation_p_value": pvalue, "n_channels_needed": needed, "cluster_mean_logit": mean_logit,
-                      "threshold_logit": thr_logit, "k": k_best, "silhouette": sil_best},
+            measured={"n_fp": len(fp_pos), "n_tp": len(tp_pos), "n_tn": len(tn_pos), "positives": lab.positives,
+                      "cluster_size": len(cluster), "share": share_all, "separation_auroc": sep_tp,
+                      "negative_separation_auroc": sep_tn, "p_value": pvalue, "n_channels_needed": needed,
+                      "cluster_mean_logit": mean_logit, "threshold_logit": thr_logit},
             reference={"threshold": lab.threshold, "specificity": lab.reference.get("specificity")},
             threshold={f"{_SECTION}.min_share": cfg.min_share, f"{_SECTION}.min_fp": cfg.min_fp,
-                       f"{_SECTION}.min_separation_auroc": cfg.min_separation_auroc, f"{_SECTION}.alpha": cfg.alpha,
-                       **({f"{_SECTION}.max_reference_share": cfg.max_reference_share} if k_best > 1 else {})},
+                       f"{_SECTION}.max_reference_share": cfg.max_reference_share,
+                       f"{_SECTION}.min_separation_auroc": cfg.min_separation_auroc,
+                       f"{_SECTION}.min_negative_separation_auroc": cfg.min_negative_separation_auroc,
+                       f"{_SECTION}.alpha": cfg.alpha},
             evidence={
                 "member_ids": sample_ids(ctx.data.image_names, cluster, config.max_evidence_ids),
                 "channels": [int(c) for c in top],
@@ -216,81 +253,3 @@ class FpClusterMonitor(Monitor):
                 "n_channels_needed": needed,
             },
         )
-
-    @staticmethod
-    def _largest_cluster(x: np.ndarray, sub: np.ndarray, cfg, seed: int
-                         ) -> tuple[np.ndarray, np.ndarray | None, int, int, float | None]:
-        """Membership (over all rows of ``x``) of the largest k-means cluster, the centres (None for
-        k = 1), that cluster's index, k and the silhouette. k-means runs on the subsample ``sub``;
-        every row is then assigned to its nearest centre."""
-        xs = x[sub]
-        dist = np.sqrt(np.maximum(_sq_dists(xs, xs), 0.0))
-        best: tuple[float, np.ndarray] | None = None
-        for k in range(2, min(cfg.max_k, len(xs) - 1) + 1):
-            centers, assign = kmeans(xs, k, seed=[seed, k], n_init=2)
-            if len(np.unique(assign)) < 2:
-                continue
-            sil = silhouette(dist, assign)
-            if best is None or sil > best[0]:
-                best = (sil, centers)
-        if best is None or best[0] < cfg.min_silhouette:
-            return np.ones(len(x), dtype=bool), None, 0, 1, (best[0] if best else None)
-        assign = _sq_dists(x, best[1]).argmin(axis=1)
-        largest = int(np.bincount(assign, minlength=len(best[1])).argmax())
-        return assign == largest, best[1], largest, len(best[1]), best[0]
-
-
-def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * a).sum(axis=1)[:, None] - 2.0 * a @ b.T + (b * b).sum(axis=1)[None, :]
-
-
-def kmeans(x: np.ndarray, k: int, *, seed: list[int], n_init: int = 3, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means with k-means++ seeding; the best of ``n_init`` runs by inertia.
-
-    Plain numpy: on a few hundred rows scikit-learn's KMeans spends most of its 10-80 ms per fit
-    starting thread pools, and a 14-label audit fits dozens of them.
-    """
-    rng = np.random.default_rng(seed)
-    xx = (x * x).sum(axis=1)
-    labels = np.arange(k)
-    best: tuple[float, np.ndarray, np.ndarray] | None = None
-    for _ in range(n_init):
-        centers = x[[int(rng.integers(len(x)))]]
-        closest = np.maximum(xx - 2.0 * x @ centers[0] + centers[0] @ centers[0], 0.0)
-        for _ in range(1, k):
-            total = closest.sum()
-            nxt = int(rng.choice(len(x), p=closest / total)) if total > 0 else int(rng.integers(len(x)))
-            centers = np.vstack([centers, x[nxt]])
-            closest = np.minimum(closest, np.maximum(xx - 2.0 * x @ x[nxt] + xx[nxt], 0.0))
-        assign = np.full(len(x), -1)
-        for _ in range(max_iter):
-            d = (centers * centers).sum(axis=1)[None, :] - 2.0 * x @ centers.T
-            new = d.argmin(axis=1)
-            if np.array_equal(new, assign):
-                break
-            assign = new
-            onehot = (assign[:, None] == labels[None, :]).astype(x.dtype)
-            sizes = onehot.sum(axis=0)
-            centers = np.where(sizes[:, None] > 0, (onehot.T @ x) / np.maximum(sizes, 1)[:, None], centers)
-        d = (centers * centers).sum(axis=1)[None, :] - 2.0 * x @ centers.T
-        inertia = float(np.maximum(xx + d[np.arange(len(x)), assign], 0.0).sum())
-        if best is None or inertia < best[0]:
-            best = (inertia, centers.copy(), assign.copy())
-    assert best is not None
-    return best[1], best[2]
-
-
-def silhouette(dist: np.ndarray, assign: np.ndarray) -> float:
-    """Mean silhouette coefficient from a full distance matrix (as sklearn.metrics.silhouette_score)."""
-    clusters = np.unique(assign)
-    onehot = (assign[:, None] == clusters[None, :]).astype(np.float64)
-    sizes = onehot.sum(axis=0)
-    sums = dist @ onehot  # (n, C): total distance to each cluster
-    own = np.searchsorted(clusters, assign)
-    own_size = sizes[own]
-    a = np.where(own_size > 1, sums[np.arange(len(assign)), own] / np.maximum(own_size - 1, 1), 0.0)
-    mean_other = sums / sizes[None, :]
-    mean_other[np.arange(len(assign)), own] = np.inf
-    b = mean_other.min(axis=1)
-    s = np.where(own_size > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
-    return float(s.mean())

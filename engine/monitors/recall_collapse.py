@@ -2,8 +2,8 @@
 
 Fires when recall at the deployed threshold is below ``min_recall_ratio`` x the reference
 sensitivity *and* a one-sided Fisher exact test of (detected, missed) here against the reference's
-counts says recall is lower (a Clopper-Pearson bound against the reference value when the reference
-counts are unknown), so two misses out of three positives, or a reference sensitivity of 1.0 measured
+counts says recall is lower at ``alpha`` divided by the number of labels compared (a
+Clopper-Pearson bound against the reference value when the reference counts are unknown), so two misses out of three positives, or a reference sensitivity of 1.0 measured
 on two positives, do not raise an alarm. Labels with fewer than ``min_comparison_positives``
 positives here or in the reference are skipped (``validity`` reports them). ``positives`` is in
 ``measured``: the rules only propose retraining when enough labelled positives exist.
@@ -44,13 +44,15 @@ class RecallCollapseMonitor(Monitor):
     section = _SECTION
 
     def run(self, ctx: MonitorContext, config: MonitorConfig) -> list[IssueFact]:
+        labs = [lab for lab in iter_labels(ctx, config)
+                if config.for_label(lab.name).recall_collapse.enabled and (lab.reference.get("sensitivity") or 0) > 0
+                and comparable(lab, config)]
         facts = []
-        for lab in iter_labels(ctx, config):
+        for lab in labs:
             cfg_all = config.for_label(lab.name)
             cfg = cfg_all.recall_collapse
-            ref_sens = lab.reference.get("sensitivity")
-            if not cfg.enabled or ref_sens is None or ref_sens <= 0 or not comparable(lab, config):
-                continue
+            ref_sens = float(lab.reference["sensitivity"])
+            level = cfg.alpha / len(labs)  # family-wise over the labels compared in this audit
             conf = confusion_at(lab.y, lab.probs, lab.threshold)
             recall = conf["sensitivity"]
             limit = cfg.min_recall_ratio * ref_sens
@@ -61,14 +63,14 @@ class RecallCollapseMonitor(Monitor):
                 test = "Fisher exact (one-sided) against the reference counts"
                 pvalue = float(fisher_exact([[conf["tp"], conf["fn"]], [int(ref_tp), int(ref_fn)]],
                                             alternative="less").pvalue)
-                if not pvalue < cfg.alpha:
+                if not pvalue < level:
                     continue
             else:
                 test = "Clopper-Pearson bound against the reference sensitivity"
                 pvalue = None
-                if recall_upper_bound(conf["tp"], lab.positives, cfg.alpha) >= ref_sens:
+                if recall_upper_bound(conf["tp"], lab.positives, level) >= ref_sens:
                     continue
-            upper = recall_upper_bound(conf["tp"], lab.positives, cfg.alpha)
+            upper = recall_upper_bound(conf["tp"], lab.positives, level)
             missed = lab.rows[(lab.y == 1) & (lab.probs < lab.threshold)]
             # 'high' when recall is below the limit by the high-severity factor (e.g. under half of it).
             severity = "high" if recall * cfg_all.high_severity_factor <= limit else "medium"
@@ -78,7 +80,7 @@ class RecallCollapseMonitor(Monitor):
                 severity=severity,
                 message=f"{lab.name}: recall {recall:.2f} ({conf['tp']}/{lab.positives}) at threshold "
                         f"{lab.threshold:.3f}, below {cfg.min_recall_ratio:g} x reference sensitivity {ref_sens:.2f}.",
-                measured={"recall": recall, "recall_upper": upper, "p_value": pvalue, "tp": conf["tp"], "fn": conf["fn"],
+                measured={"recall": recall, "recall_upper": upper, "p_value": pvalue, "level": level, "tp": conf["tp"], "fn": conf["fn"],
                           "positives": lab.positives, "n": len(lab.y), "specificity": conf["specificity"],
                           "auroc": auroc(lab.y, lab.probs), "threshold": lab.threshold},
                 reference={k: lab.reference.get(k) for k in ("sensitivity", "specificity", "auroc", "positives",
