@@ -108,3 +108,17 @@ def test_feature_cache_is_not_fooled_by_a_copy_with_other_pixels(phantom_dir: Pa
     assert shifted_ds.manifest_hash() == load_nih_dataset(phantom_dir, "test").manifest_hash()
     shifted = extract_features(bundle, shifted_ds)
     assert not np.array_equal(shifted.logits, clean.logits)
+
+
+def test_write_reference_measures_baseline_on_the_given_data(phantom_dir: Path, tmp_path: Path) -> None:
+    model, ref = tmp_path / "m.safetensors", tmp_path / "ref.safetensors"
+    assert main(["train", "--data", str(phantom_dir), "--out", str(model), "--arch", "tiny",
+                 "--image-size", "32", "--epochs", "1", "--seed", "2"]) == 0
+    assert main(["evaluate", "--model", str(model), "--data", str(phantom_dir), "--n-boot", "20",
+                 "--write-reference", str(ref)]) == 0
+    original, referenced = load_bundle(model), load_bundle(ref)
+    assert referenced.meta.parent_hash == original.content_hash()
+    assert referenced.weights_hash() == original.weights_hash()
+    test = load_nih_dataset(phantom_dir, "test")
+    k = int(np.argmax(test.labels.sum(0)))
+    assert referenced.meta.reference_metrics[referenced.labels[k]]["positives"] == int(test.labels[:, k].sum())

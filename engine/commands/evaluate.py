@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, metavar="OUT", help="write the metrics as JSON here")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--write-reference", type=Path, metavar="MODEL2",
+                   help="write a copy of the bundle whose reference metrics and Youden-J thresholds are measured "
+                   "on this data (for an imported checkpoint: the baseline later monitoring compares against)")
     p.set_defaults(func=run)
 
 
@@ -56,4 +59,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, result)
         console.print(f"Wrote {args.json}")
+    if args.write_reference:
+        from model.bundle import save_bundle
+        from model.features import extract_features
+        from model.train import reference_from_holdout
+
+        fs = extract_features(bundle, dataset, skip_bad=args.skip_bad)
+        referenced = reference_from_holdout(bundle, fs.labels, fs.logits)
+        referenced = referenced.with_meta(parent_hash=bundle.content_hash(), history=[
+            *bundle.meta.history,
+            {"op": "set_reference", "data_manifest_hash": fs.manifest_hash, "split": dataset.split}])
+        digest = save_bundle(referenced, args.write_reference)
+        console.print(f"Wrote {args.write_reference} with reference metrics and thresholds from this data "
+                      f"(sha256 {digest[:12]}…)")
     return 0

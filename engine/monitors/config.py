@@ -63,8 +63,9 @@ class FpClusterConfig(_Section):
     """A label's false positives share a cause that neither its TPs nor its TNs have (a shortcut)."""
 
     min_fp: int = Field(5, ge=2, description="Fewest false positives (and cluster members) worth examining.")
-    min_tp: int = Field(10, ge=2, description="Fewest true positives to compare with; with fewer the label is "
-                        "skipped (false negatives would look different merely for scoring low).")
+    min_tp: int = Field(20, ge=2, description="Fewest true positives to compare with; with fewer the label is "
+                        "skipped (the discriminant lives in n_components dimensions, and false negatives would look "
+                        "different merely for scoring low).")
     max_reference_share: float = Field(0.2, gt=0, lt=1, description="The slice is the FPs whose cross-fitted "
                                        "FP-vs-TP discriminant score beats all but this share of the TPs ...")
     min_share: float = Field(0.5, gt=0, le=1, description="... and it must hold this share of the FPs.")

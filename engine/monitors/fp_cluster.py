@@ -2,8 +2,7 @@
 true negatives have (a shortcut, e.g. the chest drain that marks treated pneumothorax).
 
 Per label, at the deployed threshold, in a 64-d PCA space of the standardised pooled features
-(fitted once per audit) with the label's logit direction regressed out, so that "FPs score higher
-than TNs / lower than TPs" never counts, only *what else* sets them apart:
+(fitted once per audit):
 
 1. **slice**: a shrinkage linear discriminant FPs-vs-TPs is cross-fitted (every image scored by a
    discriminant that did not see it); the slice is the FPs scoring above all but
@@ -14,7 +13,9 @@ than TNs / lower than TPs" never counts, only *what else* sets them apart:
    slice must stand out from the true negatives (AUROC >= ``min_negative_separation_auroc``), and
    the cluster is the slice members that beat all but ``max_reference_share`` of the TNs. This is
    what tells a shortcut (something ordinary negatives lack too) from FPs that merely lack the
-   finding the TPs have;
+   finding the TPs have. It also rules out the score itself: FPs score between TNs and TPs, so no
+   direction along the score sets them apart from both. (Regressing the logit direction out
+   instead would remove the shortcut too, since a shortcut is what drives those logits up);
 3. the cluster must hold ``min_share`` of the FPs (and ``min_fp`` images) and stay separable from
    the TPs (cross-fitted AUROC >= ``min_separation_auroc``).
 
@@ -23,8 +24,8 @@ apart. An earlier version clustered the FPs with k-means instead: on phantoms wi
 chest-drain shortcut the k-means cells followed anatomy (the dominant variance), not the drain, and
 split drains on the left from drains on the right; the discriminant finds the drain.
 
-At least ``min_tp`` true positives are needed (false negatives would look different merely for
-scoring low). Evidence: the member image ids; the classifier channels whose contribution
+At least ``min_tp`` true positives are needed: the discriminant lives in 64 dimensions, and false
+negatives would look different merely for scoring low. Evidence: the member image ids; the classifier channels whose contribution
 ``w_kc * f_c`` is higher on the cluster than on the TPs; and ``n_channels_needed``, the fewest of
 those channels whose removal (zeroing ``w_kc``) pushes the cluster's mean logit below the threshold
 logit. The rules use it: zeroing only when few channels explain the cluster.
@@ -67,8 +68,13 @@ def lda_direction(a: np.ndarray, b: np.ndarray, shrinkage: float = 0.5) -> np.nd
     return np.linalg.solve(cov, mu_a - mu_b)
 
 
-def crossfit_scores(a: np.ndarray, b: np.ndarray, *, seed: list[int], folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold discriminant scores of every row of ``a`` and ``b`` (stratified folds)."""
+def crossfit_scores(a: np.ndarray, b: np.ndarray, *, seed: list[int], folds: int = 5,
+                    others: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Out-of-fold discriminant scores (``a`` high vs ``b``) of every row of ``a`` and ``b``.
+
+    Stratified folds: no row is scored by a discriminant fitted on it. Rows of ``others`` (never
+    fitted on) get the mean score over the fold discriminants, returned as a third array.
+    """
     x = np.concatenate([a, b])
     y = np.r_[np.ones(len(a), bool), np.zeros(len(b), bool)]
     n_folds = int(min(folds, len(a), len(b)))
@@ -78,10 +84,16 @@ def crossfit_scores(a: np.ndarray, b: np.ndarray, *, seed: list[int], folds: int
         idx = np.flatnonzero(y == cls)
         fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % n_folds
     scores = np.empty(len(y))
+    other = np.zeros(0 if others is None else len(others))
     for f in range(n_folds):
         train, test = fold != f, fold == f
-        scores[test] = x[test] @ lda_direction(x[train & y], x[train & ~y])
-    return scores[: len(a)], scores[len(a):]
+        direction = lda_direction(x[train & y], x[train & ~y])
+        scores[test] = x[test] @ direction
+        if others is not None:
+            other += others @ direction / n_folds
+    if others is None:
+        return scores[: len(a)], scores[len(a):]
+    return scores[: len(a)], scores[len(a):], other
 
 
 def fp_slice(fp: np.ndarray, tp: np.ndarray, reference_share: float, *, seed: list[int]
@@ -125,7 +137,10 @@ def _pca_scores(feats: np.ndarray, rows: np.ndarray, n_components: int, seed: in
     std = np.where(std > 1e-8 * max(float(std.max()), 1e-30), std, np.inf)  # constant channels drop out
     k = int(min(n_components, len(sample) - 1, feats.shape[1]))
     _, _, vt = randomized_svd((sample - mean) / std, k, n_iter=4, random_state=seed)
-    return ((feats[rows].astype(np.float64) - mean) / std) @ vt.T
+    proj = (vt / std).T.astype(np.float32)  # standardise and project in one float32 matmul
+    offset = (mean / std) @ vt.T
+    block = feats if len(rows) == len(feats) else feats[rows]
+    return (np.asarray(block, dtype=np.float32) @ proj).astype(np.float64) - offset
 
 
 @register_monitor
@@ -168,12 +183,7 @@ class FpClusterMonitor(Monitor):
         tn_pos = np.flatnonzero(~pred & (lab.y == 0))
         rng = np.random.default_rng([config.seed, lab.k, 3])
 
-        # The label's logit direction regressed out: what sets FPs apart must not be their score.
-        x = space - space.mean(axis=0)
-        z = lab.logits - lab.logits.mean()
-        u = np.linalg.lstsq(x, z, rcond=None)[0]
-        u = u / (np.linalg.norm(u) or 1.0)
-        x = x - np.outer(x @ u, u)
+        x = space
 
         def sub(pos: np.ndarray) -> np.ndarray:
             return np.sort(rng.permutation(pos)[: cfg.max_points])
@@ -185,17 +195,19 @@ class FpClusterMonitor(Monitor):
         mask, cut, s_fp, s_tp = fp_slice(x[fp_s], x[tp_s], q, seed=[config.seed, lab.k, 4])
         if mask.mean() < cfg.min_share or mask.sum() < cfg.min_fp:
             return None
-        # Unlike the TNs too: along the slice-vs-TP discriminant (fitted without any TN) the slice
-        # must stand out from the TNs, and its members must beat all but q of the TNs.
-        direction = lda_direction(x[fp_s][mask], x[tp_s])
-        on_fp, on_tn = x[fp_s] @ direction, x[tn_s] @ direction
-        sep_tn = auroc(np.r_[np.ones(mask.sum()), np.zeros(len(tn_s))], np.r_[on_fp[mask], on_tn])
+        # Unlike the TNs too: along the slice-vs-TP discriminant (cross-fitted; never fitted on a TN)
+        # the slice must stand out from the TNs, and its members must beat all but q of the TNs.
+        rest = fp_pos[:0] if len(fp_s) == len(fp_pos) else np.setdiff1d(fp_pos, fp_s)
+        on_slice, on_tp, on_other = crossfit_scores(x[fp_s][mask], x[tp_s], seed=[config.seed, lab.k, 6],
+                                                    others=np.concatenate([x[tn_s], x[rest]]))
+        on_tn, on_rest = on_other[: len(tn_s)], on_other[len(tn_s):]
+        sep_tn = auroc(np.r_[np.ones(len(on_slice)), np.zeros(len(on_tn))], np.r_[on_slice, on_tn])
         cut_tn = float(np.quantile(on_tn, 1 - q))
-        members = mask & (on_fp > cut_tn)
-        share = float(members.mean())
-        if share < cfg.min_share or members.sum() < cfg.min_fp:
+        in_cluster = on_slice > cut_tn
+        share = float(in_cluster.sum() / len(fp_s))
+        if share < cfg.min_share or in_cluster.sum() < cfg.min_fp:
             return None
-        sep_tp = auroc(np.r_[np.ones(members.sum()), np.zeros(len(s_tp))], np.r_[s_fp[members], s_tp])
+        sep_tp = auroc(np.r_[np.ones(in_cluster.sum()), np.zeros(len(s_tp))], np.r_[s_fp[mask][in_cluster], s_tp])
         if not (sep_tp >= cfg.min_separation_auroc and sep_tn >= cfg.min_negative_separation_auroc):
             return None
         pvalue = slice_pvalue(x[fp_s], x[tp_s], float(mask.mean()), q, cfg.n_permutations,
@@ -203,13 +215,12 @@ class FpClusterMonitor(Monitor):
         if not pvalue < cfg.alpha:
             return None
 
-        # Membership over all FPs (the decision above used at most max_points of them).
-        if len(fp_s) == len(fp_pos):
-            member_pos = fp_s[members]
-        else:
-            cut_tp = float(np.quantile(x[tp_s] @ direction, 1 - q))
-            score = x[fp_pos] @ direction
-            member_pos = fp_pos[(score > cut_tp) & (score > cut_tn)]
+        # Membership over all FPs (the decision above used at most max_points of them): the FPs
+        # not in the examined slice join when they beat both cuts on the same discriminant.
+        member_pos = fp_s[mask][in_cluster]
+        if len(fp_s) < len(fp_pos):
+            cut_tp = float(np.quantile(on_tp, 1 - q))
+            member_pos = np.union1d(member_pos, rest[(on_rest > cut_tp) & (on_rest > cut_tn)])
         cluster, tp = lab.rows[member_pos], lab.rows[tp_pos]
         share_all = len(member_pos) / len(fp_pos)
 
