@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cxr_bench_compress"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)

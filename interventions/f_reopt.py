@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engine.errors import BundleError, InterventionError
+from engine.errors import BundleError, DataError, InterventionError
 from interventions.base import Intervention, InterventionResult, TreatmentContext, register
 from model.compress import latest_plan, refit_to_parent
 from model.compressed import ARCH_NAME
@@ -88,8 +88,9 @@ class FReopt(Intervention):
         try:
             refit, entry = refit_to_parent(ctx.bundle, parent, dataset, seed=ctx.seed, views=ctx.params.get("views"),
                                            images=images, progress=ctx.progress)
-        except BundleError as exc:
-            raise InterventionError(f"f_reopt: {exc}") from exc
+        except (BundleError, DataError) as exc:
+            raise InterventionError(f"f_reopt cannot re-fit on {ctx.fit_dataset.root} ({ctx.fit_dataset.split}): "
+                                    f"{exc}") from exc
         after = _logits(refit.model, x)
         input_hash = ctx.bundle.content_hash()
         bundle = refit.with_meta(parent_hash=input_hash)

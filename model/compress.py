@@ -21,8 +21,9 @@ Stages (all on calibration images; fidelity is measured on images that were not 
    gradient sensitivity (how much a unit error on that channel moves the logits) and per-layer
    budgets come from one global trade-off (error per parameter, Lagrangian allocation over the
    layers' elimination curves), so the reduction is spent where reconstruction is cheap. With
-   tolerances, every step is checked on a held-out part of the calibration data (max |Δlogit|
-   against a schedule, per-label AUROC drop) and backed off when it fails.
+   tolerances, every step is checked on a patient-disjoint held-out part of the calibration data
+   (max |Δlogit| against a schedule; |mean ΔAUROC| <= tol and every label <= 5 tol) and backed
+   off when it fails; whole passes are repeated with a smaller or larger error budget.
 3. **Surgery**: produced channels that no consumer reads any more are removed physically (rows of
    ``conv2`` / transition convolutions / ``conv0``), layers that produce nothing disappear, and
    the result is a :class:`model.compressed.PrunedDenseNet`.
@@ -31,8 +32,14 @@ The bundle's ``history`` gets one ``compress`` entry: the calibration manifest h
 sampling settings, and per consumer the kept input channels and bottleneck (in the parent's
 channel coordinates). :func:`replay_compression` rebuilds the compressed weights from the parent
 and the same calibration images by re-running the (deterministic) re-fits with those index sets
--- small to store, unlike deltas of weights that are all re-fitted. :func:`refit_to_parent` is the
-same re-fit on *new* images (the ``f_reopt`` intervention).
+-- small to store, unlike deltas of weights that are all re-fitted. Replay is bit-identical with
+the same torch build and thread count (BLAS reductions may round differently elsewhere).
+:func:`refit_to_parent` is the same re-fit on *new* images (the ``f_reopt`` intervention).
+
+Surgery is written here, not with torch-pruning: its dependency graph handles DenseNet's
+concatenations by removing a produced channel from *every* consumer at once, so it cannot give
+each consumer its own subset, and it does not re-fit weights. It is the baseline in
+``bench/bench_compress.py``.
 """
 
 from __future__ import annotations
@@ -77,11 +84,13 @@ __all__ = [
     "replay_compression",
     "refit_to_parent",
     "latest_plan",
+    "consumer_names",
     "surgery",
     "count_macs",
     "measure_speed",
     "fidelity",
     "compression_report",
+    "auroc_within",
 ]
 
 Progress = Callable[[int, int], None]
@@ -109,7 +118,9 @@ class CompressSettings:
     """
 
     target_reduction: float | None = None
+    #: AUROC tolerance on the calibration holdout: |mean ΔAUROC| <= it and every label <= 5x it.
     max_auroc_drop: float | None = 0.001
+    #: Largest |Δlogit| on the calibration holdout.
     max_logit_delta: float | None = None
     exact_only: bool = False
     holdout_fraction: float = 0.2
@@ -122,7 +133,7 @@ class CompressSettings:
     positions: int = 16384
     positions_3x3: int = 8192
     #: Most compression passes when tolerances steer the budget.
-    max_passes: int = 2
+    max_passes: int = 3
     #: Memory allowance for cached activations (MiB), which bounds the views at large inputs.
     memory_mb: int = 1024
     #: Weight of multiply-adds against parameters when budgets are allocated (0: parameters only;
@@ -710,27 +721,56 @@ class _Plan:
 
 @dataclass
 class _Guard:
-    """Held-out acceptance test of one step: max |Δlogit| against a schedule, per-label AUROC drop."""
+    """Held-out acceptance test of one step: max |Δlogit| against a schedule, and the AUROC criterion.
+
+    AUROC on a few dozen images moves in coarse steps, so once the prefix has used up the AUROC
+    tolerance, a later step is still accepted if it leaves the AUROC deviations no worse.
+    """
 
     ref_logits: np.ndarray
     labels: np.ndarray
     max_logit_delta: float | None
     max_auroc_drop: float | None
     ref_auroc: np.ndarray = field(init=False)
+    state: tuple[float, float] = (0.0, 0.0)
+    last: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         self.ref_auroc = _label_aurocs(self.labels, self.ref_logits)
 
     def check(self, logits: np.ndarray, fraction: float) -> tuple[bool, float, float]:
+        """Accept a step? The logit bound grows with the share of the planned error spent so far."""
         dev = float(np.abs(logits - self.ref_logits).max()) if len(logits) else 0.0
-        drop = _label_aurocs(self.labels, logits)
-        worst = float(np.nanmax(self.ref_auroc - drop)) if np.isfinite(self.ref_auroc).any() else 0.0
-        ok = True
+        tol = self.max_auroc_drop if self.max_auroc_drop is not None else math.inf
+        ok, mean, worst = auroc_within(self.ref_auroc, _label_aurocs(self.labels, logits), tol)
+        if not ok and math.isfinite(tol):
+            ok = mean <= self.state[0] + 1e-12 and worst <= self.state[1] + 1e-12
+        self.last = (mean, worst)
         if self.max_logit_delta is not None:
             ok &= dev <= self.max_logit_delta * max(math.sqrt(max(fraction, 0.0)), 0.25)
-        if self.max_auroc_drop is not None and np.isfinite(self.ref_auroc).any():
-            ok &= worst <= self.max_auroc_drop + 1e-12
-        return ok, dev, worst
+        return bool(ok), dev, worst
+
+    def commit(self) -> None:
+        """The last checked step was kept: its AUROC deviations are the new baseline."""
+        self.state = self.last
+
+
+#: A single label may move this many times the mean tolerance (the benchmark's 0.001 / 0.005 pair).
+WORST_LABEL_FACTOR = 5.0
+
+
+def auroc_within(ref_auroc: np.ndarray, new_auroc: np.ndarray, tol: float) -> tuple[bool, float, float]:
+    """The AUROC criterion: ``|mean ΔAUROC| <= tol`` and every label's ``|ΔAUROC| <= 5 tol``.
+
+    Labels without both classes are ignored. Returns (ok, |mean Δ|, worst label |Δ|). Both
+    directions count: a compressed model that ranks differently is not the same model.
+    """
+    d = np.asarray(new_auroc, dtype=np.float64) - np.asarray(ref_auroc, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return True, 0.0, 0.0
+    mean, worst = abs(float(d.mean())), float(np.abs(d).max())
+    return bool(mean <= tol + 1e-12 and worst <= WORST_LABEL_FACTOR * tol + 1e-12), mean, worst
 
 
 def _label_aurocs(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -828,7 +868,7 @@ class _Walk:
         logits = _forward_from(self.work, b, hold_in).numpy()
         ok, dev, worst = self.guard.check(logits, self.fraction.get(name, 1.0))
         self.guard_log.append({"consumer": name, "attempt": attempt, "k": k, "kb": kb, "max_dlogit": dev,
-                               "worst_auroc_drop": worst, "accepted": bool(ok)})
+                               "worst_auroc_delta": worst, "accepted": bool(ok)})
         return ok
 
     @staticmethod
@@ -933,7 +973,11 @@ class _Walk:
             removed = set(order_s[: len(free) - k])
             keep_s = torch.tensor([i for i in free.tolist() if i not in removed], dtype=torch.long)
             self._install_dense(ctx, keep_s, kb, "ls", exact_info=ex)
-            if attempt == len(tries) - 1 or self._check(name, b, hc, attempt, k, kb):
+            if len(tries) == 1:  # nothing removed here: nothing to back off to
+                break
+            if self._check(name, b, hc, attempt, k, kb) or attempt == len(tries) - 1:
+                if self.guard is not None:
+                    self.guard.commit()
                 break
             self._undo_dense(b, name, lp, lw, pos)
         self._tick()
@@ -1065,7 +1109,11 @@ class _Walk:
             removed = set(order[: len(free) - k])
             keep = torch.tensor([i for i in free.tolist() if i not in removed], dtype=torch.long)
             self._install_simple(name, m, keep, w_old, "ls", install, s)
-            if attempt == len(tries) - 1 or check(attempt, k):
+            if len(tries) == 1:
+                break
+            if check(attempt, k) or attempt == len(tries) - 1:
+                if self.guard is not None:
+                    self.guard.commit()
                 break
             undo()
 
@@ -1275,6 +1323,7 @@ def surgery(net: PrunedDenseNet) -> PrunedDenseNet:
     tail_reads: set[int] = set(net.features.norm5.index.tolist())
     tail_kind = "head"
     keep_in: list[int] = []
+    head_idx: list[int] = []
     for b in range(n_blocks - 1, -1, -1):
         blk = blocks[b]
         reads = set(tail_reads)
@@ -1298,7 +1347,7 @@ def surgery(net: PrunedDenseNet) -> PrunedDenseNet:
                 mapping[off + c] = nxt
                 nxt += 1
         layer_cfg = []
-        for j, (lname, layer), off in zip(range(len(layers)), layers, offsets):
+        for lname, layer in layers:
             rows = alive.get(lname)
             if not rows:
                 continue
@@ -1315,14 +1364,12 @@ def surgery(net: PrunedDenseNet) -> PrunedDenseNet:
         if tail_kind == "head":
             head_idx = tail_idx
         else:
-            t = trans[b]
             new_trans[b] = {"i": encode_index(tail_idx), "o": len(keep_rows_trans[b])}
             pre = f"features.transition{b + 1}."
             for k2, v in state.items():
                 if k2.startswith(pre + "norm."):
                     new_state[k2] = v
             new_state[pre + "conv.weight"] = state[pre + "conv.weight"][keep_rows_trans[b]]
-            _ = t
         if b > 0:
             keep_rows_trans[b - 1] = keep_in
             tail_reads = set(trans[b - 1].norm.index.tolist())
@@ -1531,13 +1578,14 @@ def _check_sizes(net: PrunedDenseNet, calib: Calibration, walk: _Walk) -> None:
         )
 
 
-def _tolerance_ok(fid: dict[str, Any], settings: CompressSettings, labels_ref: np.ndarray | None = None) -> bool:
+def _tolerance_ok(fid: dict[str, Any], settings: CompressSettings) -> bool:
     ok = True
     if settings.max_logit_delta is not None:
         ok &= fid["max_abs_dlogit"] <= settings.max_logit_delta
     if settings.max_auroc_drop is not None:
-        drops = [-(r["delta"]) for r in fid["labels"].values() if r["delta"] is not None]
-        ok &= (not drops) or max(drops) <= settings.max_auroc_drop + 1e-12
+        rows = [r for r in fid["labels"].values() if r["delta"] is not None]
+        ok &= auroc_within(np.array([r["auroc_ref"] for r in rows]), np.array([r["auroc_new"] for r in rows]),
+                           settings.max_auroc_drop)[0]
     return bool(ok)
 
 
@@ -1611,13 +1659,13 @@ def _for_tolerance(pl: _Planning, progress: Progress | None, log: list[str]) -> 
     d_eff = _default_logit_delta(settings)
     k_out = pl.parent.classifier.out_features
     budget_err = k_out * (d_eff / 3.5) ** 2
-    guard = _guard(pl, d_eff)
     best: tuple[_Walk, dict[str, Any]] | None = None
     passes = 0
     for p in range(settings.max_passes):
         passes = p + 1
         plan = _plan_for_error(pl.curves, budget_err, pl.flop_price)
-        walk = _Walk(pl.parent, pl.calib, mode="compress", settings=settings, sens=pl.sens, plan=plan, guard=guard,
+        walk = _Walk(pl.parent, pl.calib, mode="compress", settings=settings, sens=pl.sens, plan=plan,
+                     guard=_guard(pl, d_eff),
                      cache=pl.cache, progress=progress).run()
         logits = _logits(walk.work, pl.calib.hold)
         fid = fidelity(pl.hold_ref, logits, pl.calib.hold_labels, [str(i) for i in range(k_out)], n_boot=1)
@@ -1630,7 +1678,7 @@ def _for_tolerance(pl: _Planning, progress: Progress | None, log: list[str]) -> 
         if ok and (best is None or params < best[1]["params"]):
             best = (walk, entry)
         m = max(fid["max_abs_dlogit"], 1e-12)
-        scale = (d_eff / m) ** 2 * 0.7 if ok else min(0.5, (d_eff / m) ** 2 * 0.4)
+        scale = (d_eff / m) ** 2 * 0.7 if ok else min(0.25, (d_eff / m) ** 2 * 0.4)
         if ok and scale < 1.5:
             break
         budget_err *= min(max(scale, 0.02), 50.0)
@@ -1662,7 +1710,7 @@ def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk
     """Surgery, the new bundle with its history entry, and the report."""
     net = surgery(walk.work)
     parent_hash = bundle.content_hash()
-    entry = _history_entry(parent_hash, calib, settings, walk, op=HISTORY_OP)
+    entry = _history_entry(parent_hash, calib, settings, [walk.records[n] for n in walk.names], op=HISTORY_OP)
     meta = bundle.meta
     new = Bundle(net, meta.model_copy(update={
         "arch": ARCH_NAME, "arch_config": to_json_config(net.config), "parent_hash": parent_hash,
@@ -1753,8 +1801,14 @@ def compress_targets(
     return out
 
 
-def _history_entry(parent_hash: str, calib: Calibration, settings: CompressSettings, walk: _Walk, *, op: str,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _history_entry(parent_hash: str, calib: Calibration, settings: CompressSettings,
+                   consumers: list[dict[str, Any]], *, op: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The replayable record of one compression (or re-fit): data identity, sampling, per-consumer sets.
+
+    ``parent_hash`` is the uncompressed model the network reproduces; ``consumers[i]`` holds the
+    kept input channels (``keep``, in the parent's channel coordinates), the kept bottleneck
+    (``mid``), the fit mode (``ls``/``exact``/``keep``) and the ridge(s) the re-fit used.
+    """
     entry = {
         "op": op,
         "method": METHOD,
@@ -1767,7 +1821,7 @@ def _history_entry(parent_hash: str, calib: Calibration, settings: CompressSetti
         "positions": settings.positions,
         "positions_3x3": settings.positions_3x3,
         "memory_mb": settings.memory_mb,
-        "consumers": [walk.records[n] for n in walk.names],
+        "consumers": consumers,
     }
     if extra:
         entry.update(extra)
@@ -1856,17 +1910,9 @@ def refit_to_parent(compressed: Bundle, parent: Bundle, dataset: NIHDataset, *, 
     if to_json_config(net.config) != compressed.meta.arch_config:
         raise BundleError("re-fitted network does not have the compressed bundle's architecture; its history "
                           "does not describe it")
-    new_entry = _history_entry(parent_hash, calib, settings, _FakeRecords(entry["consumers"]), op="f_reopt",
+    new_entry = _history_entry(parent_hash, calib, settings, [dict(c) for c in entry["consumers"]], op="f_reopt",
                                extra={"previous_hash": compressed.content_hash()})
     new_entry["calibration"]["holdout"] = False
     meta = compressed.meta.model_copy(update={"history": list(compressed.meta.history) + [new_entry],
                                               "parent_hash": parent_hash})
     return Bundle(net, meta), new_entry
-
-
-class _FakeRecords:
-    """Adapter so :func:`_history_entry` can copy a recorded plan."""
-
-    def __init__(self, consumers: list[dict[str, Any]]) -> None:
-        self.records = {c["name"]: c for c in consumers}
-        self.names = [c["name"] for c in consumers]

@@ -61,12 +61,12 @@ GENERATOR_NAME = "cxr-triage-phantom"
 #: Bump whenever the pixels or the CSV for a given (n, size, seed) change.
 GENERATOR_VERSION = "1.0.0"
 
-#: Global multiplier on every finding's strength (opacity, size change, air change). 1.0 is the
-#: calibrated default; lower makes every finding fainter (harder), higher easier.
-LESION_CONTRAST: float = 1.0
+#: Global multiplier on every finding's strength (opacity, size change, air change). 1.3 is the
+#: calibrated default (see ``bench/phantom_difficulty.py``); lower is fainter (harder), higher easier.
+LESION_CONTRAST: float = 1.3
 #: Share of finding instances drawn in the subtle range (a strength of 0.08..0.35 of the full one
 #: instead of 0.35..1.0). Subtle instances are what keeps the task from being trivial.
-SUBTLE_SHARE: float = 0.4
+SUBTLE_SHARE: float = 0.3
 #: Standard deviation of the per-pixel Gaussian noise on the 0..1 output scale, before the
 #: per-image factor (0.6..1.6; AP views a third more). Noise hides nodules and faint textures.
 NOISE_LEVEL: float = 0.012

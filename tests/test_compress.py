@@ -165,6 +165,12 @@ def test_surgery_removes_unread_layer_and_keeps_outputs():
     assert count_parameters(small) < count_parameters(cut)
     x = torch.randn(3, 3, 32, 32)
     assert np.allclose(_logits(small, x), _logits(cut, x), rtol=1e-5, atol=1e-4)
+    # the compact config (with the removed layer as o=0) rebuilds the same network
+    cfg_small = to_json_config(small.config)
+    assert cfg_small["blocks"][0]["layers"][1] == {"i": "", "m": 0, "o": 0}
+    rebuilt = build_model(ARCH_NAME, json.loads(json.dumps(cfg_small)))
+    rebuilt.load_state_dict(small.state_dict())
+    assert np.array_equal(_logits(rebuilt, x), _logits(small, x))
 
 
 # ---------------------------------------------------------------------------------- exact stage
@@ -297,6 +303,15 @@ def test_history_replays_to_the_same_weights(half, data):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert again.meta.arch_config == comp.meta.arch_config
+
+
+def test_a_compressed_bundle_can_be_compressed_again(half, data):
+    _, comp, _ = half
+    ds = load_nih_dataset(data, "train_val")
+    again = compress_bundle(comp, ds, CompressSettings(target_reduction=0.2, max_auroc_drop=None, views=2), speed=False)
+    assert count_parameters(again.bundle.model) <= 0.8 * count_parameters(comp.model)
+    assert again.bundle.meta.parent_hash == comp.content_hash()
+    assert [e["op"] for e in again.bundle.meta.history] == ["compress", "compress"]
 
 
 def test_replay_refuses_other_data_or_parent(half, data, tmp_path):

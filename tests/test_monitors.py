@@ -30,6 +30,7 @@ F = 64
 SHORTCUT_LABEL = "Pneumothorax"
 SHORTCUT_CHANNELS = (60, 61, 62)
 ACTIONABLE_OR_INFO = set(FACT_KINDS) - {"cannot_assess"}
+COMPARABLE = {"ece", "auroc", "youden_threshold", "sensitivity", "specificity", "prevalence", "max_logit_delta", "mmd2"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,6 +191,8 @@ def test_monitor_common_invariants(name: str, scenario: str, scenarios) -> None:
         # every threshold named in a fact is a real config key holding that value (no constants in code)
         for key, value in fact.threshold.items():
             assert config.value(key, fact.label) == value, key
+        # measured and reference pair only comparable, scale-free metrics (verification averages the gaps)
+        assert set(fact.measured) & set(fact.reference) <= COMPARABLE, fact.kind
     # deterministic
     again = monitor.run(ctx, config)
     assert [f.model_dump() for f in facts] == [f.model_dump() for f in again]
@@ -472,6 +475,18 @@ def test_per_label_override_changes_the_decision(world) -> None:
     ctx = MonitorContext(bundle, _featureset(d, y, f))
     off = MonitorConfig.model_validate({"overrides": {"Nodule": {"recall_collapse": {"enabled": False}}}})
     assert not _of(run_monitors(ctx, off), "recall_collapse")
+
+
+def test_a_labels_facts_do_not_depend_on_other_labels_switches(scenarios) -> None:
+    """The loop re-checks only treated labels by switching the others off: same facts for the rest."""
+    ctx = scenarios["shifted"]
+    full = run_monitors(ctx, MonitorConfig())
+    off = {name: {section: {"enabled": False} for section in
+                  ("calibration_drift", "fp_cluster", "recall_collapse", "auroc_drop", "prevalence_shift")}
+           for name in CHEXNET_LABELS if name != "Effusion"}
+    kept = run_monitors(ctx, MonitorConfig(overrides=off))
+    assert [f for f in kept if f.label == "Effusion"] == [f for f in full if f.label == "Effusion"]
+    assert [f for f in full if f.label == "Effusion" and f.actionable]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from model.features import to_model_input
 
 __all__ = ["register", "run"]
 
+DEFAULT_AUROC_DROP = 0.001
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -42,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-reduction", type=float, metavar="R",
                    help="share of parameters to remove, in (0, 1), e.g. 0.5")
     p.add_argument("--max-auroc-drop", type=float, metavar="A",
-                   help="largest per-label AUROC drop allowed on the held-out calibration part "
-                   "(default 0.001 when no --target-reduction is given)")
+                   help="AUROC tolerance on the held-out calibration part: |mean ΔAUROC| <= A and every "
+                   "label's |ΔAUROC| <= 5A (default 0.001 unless --target-reduction is given alone)")
     p.add_argument("--max-logit-delta", type=float, metavar="D",
                    help="largest |Δlogit| allowed on the held-out calibration part")
     p.add_argument("--exact-only", action="store_true",
@@ -59,7 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="augmented views per calibration image (default: automatic, about 1000 fitted inputs)")
     p.add_argument("--ridge", type=float, default=1e-3,
                    help="relative ridge of the re-fits, towards the old weights (default: %(default)s)")
-    p.add_argument("--max-passes", type=int, default=2,
+    p.add_argument("--flops-weight", type=float, default=0.5,
+                   help="how much saved multiply-adds count against saved parameters when budgets are shared "
+                   "out (0: parameters only; 1: equal; default: %(default)s)")
+    p.add_argument("--max-passes", type=int, default=3,
                    help="compression passes when tolerances steer the budget (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, augmentation and sampling (default: %(default)s)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the full report as JSON here")
@@ -73,13 +78,14 @@ def _fmt(v: Any, spec: str = ",") -> str:
 
 def run(args: argparse.Namespace) -> int:
     explicit_tol = args.max_auroc_drop is not None or args.max_logit_delta is not None
-    max_auroc = args.max_auroc_drop
-    if max_auroc is None and args.target_reduction is None and not args.max_logit_delta:
-        max_auroc = 0.001
+    if args.target_reduction is not None and not explicit_tol:
+        max_auroc = None  # a target alone wins: no tolerance is enforced
+    else:
+        max_auroc = args.max_auroc_drop if args.max_auroc_drop is not None else DEFAULT_AUROC_DROP
     try:
         settings = CompressSettings(
             target_reduction=args.target_reduction,
-            max_auroc_drop=max_auroc if (explicit_tol or args.target_reduction is None) else None,
+            max_auroc_drop=max_auroc,
             max_logit_delta=args.max_logit_delta,
             exact_only=args.exact_only,
             holdout_fraction=args.holdout_fraction,
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             ridge=args.ridge,
             views=args.views,
             max_passes=args.max_passes,
+            flops_weight=args.flops_weight,
         )
     except ValueError as exc:
         raise SystemExit(f"cli.py compress: error: {exc}") from exc

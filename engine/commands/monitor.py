@@ -165,8 +165,11 @@ def run(args: argparse.Namespace) -> int:
 
     table = Table(title=f"{args.model.name} on {args.data} (split {dataset.split}, {len(data)} images): "
                         f"{len(facts)} fact(s), {sum(f.actionable for f in facts)} actionable")
-    for col in ("kind", "label", "severity", "measured vs reference", "message"):
-        table.add_column(col, overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("label", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("measured vs reference", overflow="fold", ratio=1)
+    table.add_column("message", overflow="fold", ratio=2)
     for f in facts:
         style = _SEVERITY_STYLE.get(f.severity, "")
         table.add_row(f.kind, f.label or "(model)", f"[{style}]{f.severity}[/]" if style else f.severity,

@@ -5,8 +5,25 @@ One module per monitor, one registry (registry order is report order)::
     from engine.monitors import MonitorConfig, MonitorContext, run_monitors
     facts = run_monitors(MonitorContext(bundle, feature_set), MonitorConfig())
 
-The ``validity`` monitor always runs first: it reports non-finite outputs (``invalid_output``) and
-labels that cannot be assessed (``cannot_assess``), which the other monitors then skip.
+==========================  ==================================================================
+monitor                     fires when (thresholds: :class:`MonitorConfig`)
+==========================  ==================================================================
+``validity``                NaN/inf outputs (``invalid_output``); labels without positives,
+                            ground truth or reference, or too few positives to compare
+                            sensitivity/AUROC (``cannot_assess``). Always runs first.
+``calibration_drift``       ECE up beyond noise, Youden threshold moved with ranking intact, or
+                            scores moved wholesale against the deployed threshold
+``fp_cluster``              most FPs share a direction of feature space that sets them apart
+                            from both the TPs and the TNs (a shortcut)
+``recall_collapse``         recall well below the reference sensitivity (Fisher test)
+``auroc_drop``              AUROC below reference - tolerance beyond the noise margin
+``compression_fidelity``    compressed logits depart from the parent's on the same images
+``prevalence_shift``        a label's prevalence differs from the reference (info)
+``input_drift``             pooled features differ from a reference sample, RBF-MMD (info)
+==========================  ==================================================================
+
+Per-label statistical tests are family-wise (Bonferroni over the labels assessed): one audit
+tests 14 labels, and a regulator reads every alarm.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ standard error combining this data's (bootstrap over ``n_boot`` resamples) with 
 (read off its stored 95 % CI), each floored by the Hanley-McNeil formula because a bootstrap over a
 handful of positives looks more precise than it is. ``z`` is two-sided at ``alpha`` divided by the
 number of labels compared (family-wise: one audit tests 14 labels). Without a reference CI this is
-"the upper confidence bound of this data's AUROC is below reference - max_drop". Labels with fewer than ``min_comparison_positives``
-positives here or in the reference are skipped (``validity`` reports them): the bootstrap of one
-positive's rank looks precise and is not. The bootstrap only
+"the upper confidence bound of this data's AUROC is below reference - max_drop". Labels with fewer
+than ``min_comparison_positives`` positives here or in the reference are skipped (``validity``
+reports them): the bootstrap of one positive's rank looks precise and is not. The bootstrap only
 runs when the point estimate is already below the line, which keeps a healthy audit cheap.
 """
 
@@ -43,13 +43,16 @@ class AurocDropMonitor(Monitor):
     section = _SECTION
 
     def run(self, ctx: MonitorContext, config: MonitorConfig) -> list[IssueFact]:
-        labs = [lab for lab in iter_labels(ctx, config)
-                if config.for_label(lab.name).auroc_drop.enabled and lab.reference.get("auroc") is not None
+        # The family is every comparable label, enabled or not (a fact must not depend on which other
+        # labels a re-check switched off).
+        labs = [lab for lab in iter_labels(ctx, config) if lab.reference.get("auroc") is not None
                 and comparable(lab, config)]
         facts = []
         for lab in labs:
             cfg_all = config.for_label(lab.name)
             cfg = cfg_all.auroc_drop
+            if not cfg.enabled:
+                continue
             ref = lab.reference
             ref_auc = float(ref["auroc"])
             auc = auroc(lab.y, lab.logits)
@@ -81,8 +84,10 @@ class AurocDropMonitor(Monitor):
                 measured={"auroc": auc, "auroc_ci_low": lo, "auroc_ci_high": hi, "drop": ref_auc - auc,
                           "auroc_se": se, "reference_se": ref_se, "margin": margin, "level": level,
                           "positives": lab.positives, "n": len(lab.y)},
-                reference={k: ref.get(k) for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "positives", "n")},
+                # reference: only metrics comparable with measured ones (verification reads their gaps)
+                reference={"auroc": ref_auc},
                 threshold={f"{_SECTION}.max_drop": cfg.max_drop, f"{_SECTION}.alpha": cfg.alpha},
-                evidence={"n_boot": cfg.n_boot, "labels_compared": len(labs)},
+                evidence={"n_boot": cfg.n_boot, "labels_compared": len(labs),
+                          "reference_detail": {k: ref.get(k) for k in ("auroc_ci_low", "auroc_ci_high", "positives", "n")}},
             ))
         return facts

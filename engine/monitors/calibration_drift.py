@@ -70,9 +70,14 @@ class CalibrationDriftMonitor(Monitor):
     def run(self, ctx: MonitorContext, config: MonitorConfig) -> list[IssueFact]:
         facts = []
         shared: dict[tuple, np.ndarray] = {}  # one set of resamples for all labels (same rows)
-        labs = [lab for lab in iter_labels(ctx, config) if config.for_label(lab.name).calibration_drift.enabled]
-        for lab in labs:
+        assessable = list(iter_labels(ctx, config))
+        # The family is every assessable label, enabled or not: a label's fact must not depend on
+        # which other labels a re-check switched off (the loop re-checks treated labels only).
+        family = len(assessable)
+        for lab in assessable:
             cfg = config.for_label(lab.name)
+            if not cfg.calibration_drift.enabled:
+                continue
 
             def resamples(n_boot: int, n: int = len(lab.y)) -> np.ndarray:
                 key = (n, n_boot)
@@ -80,7 +85,7 @@ class CalibrationDriftMonitor(Monitor):
                     shared[key] = bootstrap_counts(n, n_boot, [config.seed, 1])
                 return shared[key]
 
-            fact = self._check(lab, cfg, resamples, family=len(labs))
+            fact = self._check(lab, cfg, resamples, family=family)
             if fact is not None:
                 facts.append(fact)
         return facts
@@ -196,9 +201,11 @@ class CalibrationDriftMonitor(Monitor):
             severity=severity,
             message=f"{lab.name}: calibration drifted ({'; '.join(parts)}; AUROC {auc:.3f} vs {ref_auc:.3f}, {ranking}).",
             measured=measured,
-            reference={k: ref.get(k) for k in ("ece", "auroc", "calibration_slope", "calibration_intercept",
-                                                "youden_threshold", "threshold", "prevalence")},
+            # reference: only metrics comparable with measured ones (verification reads their gaps)
+            reference={k: ref.get(k) for k in ("ece", "auroc", "youden_threshold")},
             threshold=fired,
             evidence={"criteria": criteria, "auroc_intact": auroc_intact, "youden_threshold": youden,
-                      "deployed_threshold": deployed, "ece": ece, "auroc": auc},
+                      "deployed_threshold": deployed, "ece": ece, "auroc": auc,
+                      "reference_detail": {k: ref.get(k) for k in ("calibration_slope", "calibration_intercept",
+                                                                   "threshold", "prevalence", "fp", "tn", "n")}},
         )

@@ -25,10 +25,12 @@ chest-drain shortcut the k-means cells followed anatomy (the dominant variance),
 split drains on the left from drains on the right; the discriminant finds the drain.
 
 At least ``min_tp`` true positives are needed: the discriminant lives in 64 dimensions, and false
-negatives would look different merely for scoring low. Evidence: the member image ids; the classifier channels whose contribution
-``w_kc * f_c`` is higher on the cluster than on the TPs; and ``n_channels_needed``, the fewest of
-those channels whose removal (zeroing ``w_kc``) pushes the cluster's mean logit below the threshold
-logit. The rules use it: zeroing only when few channels explain the cluster.
+negatives would look different merely for scoring low.
+
+Evidence: the member image ids; the classifier channels whose contribution ``w_kc * f_c`` is higher
+on the cluster than on the TPs; and ``n_channels_needed``, the fewest of those channels whose
+removal (zeroing ``w_kc``) pushes the cluster's mean logit below the threshold logit. The rules use
+it: zeroing only when few channels explain the cluster.
 """
 
 from __future__ import annotations
@@ -165,7 +167,9 @@ class FpClusterMonitor(Monitor):
             if not cfg_all.fp_cluster.enabled:
                 continue
             pred = lab.probs >= lab.threshold
-            if (pred & (lab.y == 0)).sum() < cfg_all.fp_cluster.min_fp or (pred & (lab.y == 1)).sum() < cfg_all.fp_cluster.min_tp:
+            enough = ((pred & (lab.y == 0)).sum() >= cfg_all.fp_cluster.min_fp
+                      and (pred & (lab.y == 1)).sum() >= cfg_all.fp_cluster.min_tp)
+            if not enough:
                 continue
             if space is None:  # one PCA basis per audit, rows aligned with lab.rows
                 space = _pca_scores(feats, lab.rows, config.fp_cluster.n_components, config.seed)
@@ -182,7 +186,6 @@ class FpClusterMonitor(Monitor):
         tp_pos = np.flatnonzero(pred & (lab.y == 1))
         tn_pos = np.flatnonzero(~pred & (lab.y == 0))
         rng = np.random.default_rng([config.seed, lab.k, 3])
-
         x = space
 
         def sub(pos: np.ndarray) -> np.ndarray:

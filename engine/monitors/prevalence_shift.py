@@ -39,9 +39,7 @@ class PrevalenceShiftMonitor(Monitor):
         for name in ctx.bundle.labels:
             ref = ctx.bundle.meta.reference_metrics.get(name) or {}
             if name not in CHEXNET_LABELS or ref.get("prevalence") is None:
-                continue
-            if not config.for_label(name).prevalence_shift.enabled:
-                continue
+                continue  # (disabled labels still count in the Bonferroni family: see below)
             pos = int(labels[:, CHEXNET_LABELS.index(name)].sum())
             ref_n, ref_pos = ref.get("n"), ref.get("positives")
             if ref_n and ref_pos is not None:
@@ -61,6 +59,8 @@ class PrevalenceShiftMonitor(Monitor):
         facts = []
         for name, pos, pvalue, test, ref_prev, ref_n, ref_pos in tests:
             cfg = config.for_label(name).prevalence_shift
+            if not cfg.enabled:  # the family is every testable label, so facts do not depend on switches
+                continue
             level = cfg.alpha / len(tests)
             prev = pos / n
             if pvalue < level and abs(prev - ref_prev) >= cfg.min_abs_change:
@@ -71,8 +71,9 @@ class PrevalenceShiftMonitor(Monitor):
                     message=f"{name}: prevalence {prev:.3f} ({pos}/{n}) vs reference {ref_prev:.3f} "
                             f"({test} p={pvalue:.2g}).",
                     measured={"prevalence": prev, "positives": pos, "n": n, "p_value": pvalue},
-                    reference={"prevalence": ref_prev, "positives": ref_pos, "n": ref_n},
+                    reference={"prevalence": ref_prev},
                     threshold={f"{_SECTION}.alpha": cfg.alpha, f"{_SECTION}.min_abs_change": cfg.min_abs_change},
-                    evidence={"test": test, "bonferroni_level": level, "labels_tested": len(tests)},
+                    evidence={"test": test, "bonferroni_level": level, "labels_tested": len(tests),
+                              "reference_counts": {"positives": ref_pos, "n": ref_n}},
                 ))
         return facts

@@ -3,10 +3,11 @@
 Fires when recall at the deployed threshold is below ``min_recall_ratio`` x the reference
 sensitivity *and* a one-sided Fisher exact test of (detected, missed) here against the reference's
 counts says recall is lower at ``alpha`` divided by the number of labels compared (a
-Clopper-Pearson bound against the reference value when the reference counts are unknown), so two misses out of three positives, or a reference sensitivity of 1.0 measured
-on two positives, do not raise an alarm. Labels with fewer than ``min_comparison_positives``
-positives here or in the reference are skipped (``validity`` reports them). ``positives`` is in
-``measured``: the rules only propose retraining when enough labelled positives exist.
+Clopper-Pearson bound against the reference value when the reference counts are unknown), so two
+misses out of three positives, or a reference sensitivity of 1.0 measured on two positives, do not
+raise an alarm. Labels with fewer than ``min_comparison_positives`` positives here or in the
+reference are skipped (``validity`` reports them). ``positives`` is in ``measured``: the rules only
+propose retraining when enough labelled positives exist.
 """
 
 from __future__ import annotations
@@ -44,13 +45,16 @@ class RecallCollapseMonitor(Monitor):
     section = _SECTION
 
     def run(self, ctx: MonitorContext, config: MonitorConfig) -> list[IssueFact]:
+        # The family is every comparable label, enabled or not (a fact must not depend on which other
+        # labels a re-check switched off).
         labs = [lab for lab in iter_labels(ctx, config)
-                if config.for_label(lab.name).recall_collapse.enabled and (lab.reference.get("sensitivity") or 0) > 0
-                and comparable(lab, config)]
+                if (lab.reference.get("sensitivity") or 0) > 0 and comparable(lab, config)]
         facts = []
         for lab in labs:
             cfg_all = config.for_label(lab.name)
             cfg = cfg_all.recall_collapse
+            if not cfg.enabled:
+                continue
             ref_sens = float(lab.reference["sensitivity"])
             level = cfg.alpha / len(labs)  # family-wise over the labels compared in this audit
             conf = confusion_at(lab.y, lab.probs, lab.threshold)
@@ -80,13 +84,14 @@ class RecallCollapseMonitor(Monitor):
                 severity=severity,
                 message=f"{lab.name}: recall {recall:.2f} ({conf['tp']}/{lab.positives}) at threshold "
                         f"{lab.threshold:.3f}, below {cfg.min_recall_ratio:g} x reference sensitivity {ref_sens:.2f}.",
-                measured={"recall": recall, "recall_upper": upper, "p_value": pvalue, "level": level, "tp": conf["tp"], "fn": conf["fn"],
-                          "positives": lab.positives, "n": len(lab.y), "specificity": conf["specificity"],
-                          "auroc": auroc(lab.y, lab.probs), "threshold": lab.threshold},
-                reference={k: lab.reference.get(k) for k in ("sensitivity", "specificity", "auroc", "positives",
-                                                             "tp", "fn", "threshold")},
+                measured={"sensitivity": recall, "recall": recall, "recall_upper": upper, "p_value": pvalue,
+                          "level": level, "tp": conf["tp"], "fn": conf["fn"], "positives": lab.positives, "n": len(lab.y), "specificity": conf["specificity"],
+                          "auroc": auroc(lab.y, lab.probs)},
+                # reference: only metrics comparable with measured ones (verification reads their gaps)
+                reference={k: lab.reference.get(k) for k in ("sensitivity", "specificity", "auroc")},
                 threshold={f"{_SECTION}.min_recall_ratio": cfg.min_recall_ratio, f"{_SECTION}.alpha": cfg.alpha},
-                evidence={"test": test, "missed_ids": sample_ids(ctx.data.image_names, missed, cfg_all.max_evidence_ids),
-                          "n_missed": int(len(missed))},
+                evidence={"test": test, "n_missed": int(len(missed)), "deployed_threshold": lab.threshold,
+                          "reference_counts": {k: lab.reference.get(k) for k in ("positives", "tp", "fn", "n")},
+                          "missed_ids": sample_ids(ctx.data.image_names, missed, cfg_all.max_evidence_ids)},
             ))
         return facts
