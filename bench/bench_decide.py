@@ -6,7 +6,7 @@ conditions pass and fail), then times ``rules.decide.decide`` over all of them `
 times and reports the median per call and per fact. The first call (which registers the
 policy's ruleset) is reported separately.
 
-    python bench/bench_decide.py --policy policies/default.yaml --facts 100 --repeats 15
+    python bench/bench_decide.py --policy policies/default.yaml --facts 100 --repeats 15 [--json decide.json]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.facts import IssueFact  # noqa: E402
+from engine.storage import atomic_write_json  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
 from rules.decide import decide  # noqa: E402
 from rules.policy import load_policy  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> int:
     parser.add_argument("--policy", type=Path, default=Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
     parser.add_argument("--facts", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
     policy = load_policy(args.policy)
@@ -77,6 +79,16 @@ def main() -> int:
     print(f"first call (registers the ruleset): {first_s * 1e3:.1f} ms")
     print(f"median of {args.repeats} calls: {med * 1e3:.1f} ms per call, {med / len(facts) * 1e3:.3f} ms per fact "
           f"(min {min(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms)")
+    if args.json:
+        atomic_write_json(args.json, {
+            "policy": policy.name, "policy_hash": policy.content_hash, "facts": len(facts), "candidates": n_cand,
+            "choices": dict(sorted(chosen.items())), "repeats": args.repeats, "first_call_s": first_s,
+            "median_call_s": med, "median_per_fact_s": med / len(facts), "min_call_s": min(times),
+            "max_call_s": max(times), "calls_s": times,
+            "environment": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
+        })
+        print(f"Wrote {args.json}")
     return 0
 
 

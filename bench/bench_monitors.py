@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    os.environ.setdefault("CXR_TRIAGE_CACHE", tempfile.mkdtemp(prefix="cxr-bench-cache-"))
+    if not os.environ.get("CXR_TRIAGE_CACHE"):  # (setdefault would create a temp folder even when set)
+        os.environ["CXR_TRIAGE_CACHE"] = tempfile.mkdtemp(prefix="cxr-bench-cache-")
 
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": args.threads}}
     if not args.skip_timing:

@@ -139,7 +139,7 @@ def _bench(work: Path) -> int:
 
     dataset = load_nih_dataset(write_folder(work / "data", labels))
     names = np.frombuffer(json.dumps(dataset.image_names).encode(), dtype=np.uint8)
-    cache = features_module._cache_path(bundle.weights_hash(), dataset.manifest_hash())
+    cache = features_module._cache_path(bundle.weights_hash(), dataset)
     atomic_write_bytes(cache, save({"features": feats, "logits": logits.astype(np.float32), "names_json": names}))
 
     def no_backbone(*a, **k):  # the point of the benchmark
