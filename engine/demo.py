@@ -42,8 +42,11 @@ class Step:
 
 
 def file_digest(path: Path) -> str:
-    """Content hash of a file or of a dataset folder's label file (images are named there)."""
+    """Content hash of a file, or of a dataset folder: its ``fault.json`` when injected (it records
+    every image the fault changed, which the label file does not), else its label file."""
     if path.is_dir():
+        if (path / "fault.json").is_file():
+            return sha256_file(path / "fault.json")
         for name in ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"):
             if (path / name).is_file():
                 return sha256_file(path / name)

@@ -6,7 +6,7 @@ One call of :func:`run_triage` is one auditable run:
 2. the set is split patient-disjoint into a FIT half (what interventions may learn from) and a
    VERIFY half (what judges them);
 3. the policy's monitors run on the whole set (the audit's view) and emit issue facts;
-4. for each actionable fact, in a fixed order (severity, kind, label), the rules choose the cheapest
+4. for each actionable fact, in a fixed order (severity, causes before symptoms, kind, label), the rules choose the cheapest
    candidate; it is applied to a copy of the current model, verified on the VERIFY half and
    accepted (the copy becomes the current model) or rejected, in which case the rules are asked
    again without it — until one is accepted, candidates run out, a candidate needs a human's
@@ -103,10 +103,18 @@ def run_id_for(model_hash: str, manifest_hash: str, policy_hash: str, seed: int,
     return sha256_bytes(canonical_json(ident))[:16]
 
 
+#: Kinds that name a cause rather than a symptom. At equal severity they are treated first: a
+#: shortcut's FP cluster also shows as calibration drift and an AUROC drop on the same label, and
+#: treating the symptom first (e.g. retraining the head against the drift) hides the cause without
+#: the treatment aimed at it; fixing the cause re-examines the symptoms ("resolved earlier").
+CAUSE_KINDS = ("fp_cluster", "compression_fidelity")
+
+
 def sort_facts(facts: Iterable[IssueFact]) -> list[IssueFact]:
-    """Most severe first, then kind, label and monitor; the fact id breaks any remaining tie."""
+    """Most severe first, causes before symptoms, then kind, label and monitor; the fact id breaks ties."""
     rank = {s: i for i, s in enumerate(SEVERITY_ORDER)}
-    return sorted(facts, key=lambda f: (rank.get(f.severity, len(rank)), f.kind, f.label or "", f.monitor, f.fact_id))
+    return sorted(facts, key=lambda f: (rank.get(f.severity, len(rank)), f.kind not in CAUSE_KINDS, f.kind,
+                                        f.label or "", f.monitor, f.fact_id))
 
 
 def _fact_json(fact: IssueFact) -> dict[str, Any]:

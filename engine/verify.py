@@ -69,6 +69,9 @@ class Acceptance:
     min_improvement: float | None = None
     #: New actionable issues on other labels that a treatment may introduce.
     max_new_issues: int = 0
+    #: FP-cluster treatments: least share of the cluster's false positives present on the verify
+    #: split that must no longer be predicted positive (None: not checked).
+    min_fp_removed_share: float | None = 0.5
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,52 @@ def issue_distance(fact: IssueFact) -> float | None:
     return float(np.mean(gaps)) if gaps else None
 
 
+def _blocks(cannot: IssueFact, fact: IssueFact) -> bool:
+    """Whether a ``cannot_assess`` fact on the treated label makes ``fact`` unverifiable.
+
+    The validity monitor's informational kind lists what it skipped (``evidence.skipped``: e.g.
+    recall and AUROC comparisons with too few positives, "calibration still checked"); it blocks
+    only those. A ``cannot_assess`` without that list (no positives, no negatives) blocks all.
+    """
+    skipped = cannot.evidence.get("skipped")
+    if not isinstance(skipped, list):
+        return True
+    return fact.kind in skipped or fact.monitor in skipped
+
+
+def _cluster_check(fact: IssueFact, before_bundle: Bundle, after_bundle: Bundle, before: FeatureSet,
+                   after: FeatureSet, min_share: float) -> dict[str, Any]:
+    """Share of the FP cluster's members on the verify split that the treatment turned negative.
+
+    The monitor named the cluster's images on the audited data (``evidence.member_ids``); those on
+    the verify split were never seen by the treatment. Re-detecting the cluster on the verify half
+    alone is no substitute: with few true positives there the monitor may not assess it at all.
+    """
+    members = set(fact.evidence.get("member_ids") or fact.evidence.get("members") or [])
+    label = fact.label or ""
+    k_b = before_bundle.labels.index(label)
+    k_a = after_bundle.labels.index(label)
+    truth = _truth_column(label)
+    rows = [i for i, n in enumerate(before.image_names) if n in members]
+    if truth is not None:
+        rows = [i for i in rows if before.labels[i, truth] == 0]
+    if not rows:
+        return _check("cluster_fps_removed", None, min_share, True,
+                      f"{label}: none of the cluster's listed members is on the verify split")
+    idx = np.asarray(rows)
+    fp_before = np.asarray(before.probs)[idx, k_b] >= before_bundle.meta.thresholds[k_b]
+    fp_after = np.asarray(after.probs)[idx, k_a] >= after_bundle.meta.thresholds[k_a]
+    n_before = int(fp_before.sum())
+    if n_before == 0:
+        return _check("cluster_fps_removed", None, min_share, True,
+                      f"{label}: the cluster's members on the verify split are not false positives here")
+    removed = int((fp_before & ~fp_after).sum())
+    share = removed / n_before
+    return _check("cluster_fps_removed", round(share, 6), min_share, share >= min_share,
+                  f"{label}: {removed} of the cluster's {n_before} false positives on the verify split are no longer "
+                  f"predicted positive ({share:.0%}; at least {min_share:.0%} required)")
+
+
 def _check(name: str, value: Any, limit: Any, passed: bool, detail: str) -> dict[str, Any]:
     return {"name": name, "value": value, "limit": limit, "passed": bool(passed), "detail": detail}
 
@@ -241,7 +290,7 @@ def verify_treatment(
 
     # (a) the issue itself. "Not detected" only counts where the label can be assessed at all.
     unassessable = [f for f in facts_after if f.kind == "cannot_assess" and fact.label is not None
-                    and f.label == fact.label]
+                    and f.label == fact.label and _blocks(f, fact)]
     if unassessable:
         checks.append(_check("issue_assessable", False, True, False,
                              f"{where} cannot be verified on the verify split: {unassessable[0].message}"))
@@ -292,6 +341,9 @@ def verify_treatment(
         checks.append(_check("tp_lost", lost, acceptance.max_tp_lost, lost <= acceptance.max_tp_lost,
                              f"{fact.label}: true positives {m_before[fact.label]['tp']} -> {m_after[fact.label]['tp']} "
                              "on the verify split"))
+
+    if fact.kind == "fp_cluster" and fact.label is not None and acceptance.min_fp_removed_share is not None:
+        checks.append(_cluster_check(fact, before_bundle, after_bundle, before, after, acceptance.min_fp_removed_share))
 
     before_keys = {fact_key(f) for f in facts_before if f.actionable}
     new = sorted({fact_key(f) for f in facts_after if f.actionable and fact_key(f) not in before_keys and fact_key(f) != key})

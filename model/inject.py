@@ -68,7 +68,8 @@ FAULT_SYNTAX: dict[str, str] = {
     "scanner_shift": "scanner_shift[:gamma=G,contrast=C,brightness=B,noise=N]  (defaults gamma=1.2,contrast=1.6,"
                      "brightness=0,noise=0.03)",
     "shortcut": "shortcut:LABEL[,fraction=F,train_fraction=T]  (tube on fraction T of LABEL's train_val "
-                "positives and on fraction F of its test negatives; defaults T=1, F=0.5)",
+                "positives and on fraction F of its test negatives; defaults T=0.5, F=0.5: half the "
+                "positives carry a drain, so the model learns the finding as well as the tube)",
     "blur": "blur[:sigma=S]  (Gaussian sigma in pixels of a 64-px image, scaled with image width; default 1.5)",
     "prevalence": "prevalence:LABEL=P  (0 <= P <= 1; rows subsampled within each split)",
     "label_noise": "label_noise:RATE[,label=LABEL]  (flip that fraction of (image, label) entries; 0 < RATE <= 1)",
@@ -79,7 +80,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     # strong enough that even a 1-epoch model's scores move wholesale against its thresholds
     # (measured on 5 phantom/model seeds, bench/bench_monitors.py), yet a plausible protocol change.
     "scanner_shift": {"gamma": 1.2, "contrast": 1.6, "brightness": 0.0, "noise": 0.03},
-    "shortcut": {"fraction": 0.5, "train_fraction": 1.0},
+    "shortcut": {"fraction": 0.5, "train_fraction": 0.5},
     "blur": {"sigma": 1.5},
     "prevalence": {},
     "label_noise": {},

@@ -226,6 +226,9 @@ class AcceptanceConfig(_Strict):
     max_tp_lost: int = Field(0, ge=0)
     #: New actionable issues on other labels a treatment may introduce.
     max_new_issues: int = Field(0, ge=0)
+    #: FP-cluster treatments: least share of the cluster's false positives on the verify split that
+    #: must turn negative (null: not checked).
+    min_fp_removed_share: float | None = Field(0.5, gt=0, le=1)
 
     def to_verify(self) -> Any:
         """The same limits as the ``engine.verify.Acceptance`` the verifier takes."""

@@ -111,7 +111,7 @@ _FEW_CHANNELS = Condition(
     holds_reason="{n_channels_needed} classifier channel(s) explain the FP cluster (max_channels {max_channels})",
     holds=lambda: m.n_channels_needed <= m.max_channels,
     fails=(
-        ("the fact does not say how many classifier channels explain the FP cluster (no n_channels_needed)",
+        ("no small set of classifier channels explains the FP cluster (the fact gives no n_channels_needed)",
          lambda: -m.n_channels_needed),
         ("{n_channels_needed} classifier channels are needed, more than max_channels {max_channels}",
          lambda: m.n_channels_needed > m.max_channels),

@@ -61,7 +61,7 @@ def test_parse_fault_defaults_and_params() -> None:
     assert parse_fault("scanner_shift").params == {"gamma": 1.2, "contrast": 1.6, "brightness": 0.0, "noise": 0.03}
     assert parse_fault("scanner_shift:gamma=1.6,contrast=0.7,noise=0.03").params["contrast"] == 0.7
     assert parse_fault("shortcut:Pneumothorax").params == {"label": "Pneumothorax", "fraction": 0.5,
-                                                           "train_fraction": 1.0}
+                                                           "train_fraction": 0.5}
     assert parse_fault("shortcut:Mass,train_fraction=0.6").params["train_fraction"] == 0.6
     assert parse_fault("shortcut:Pneumothorax,fraction=0.3").params["fraction"] == 0.3
     assert parse_fault("blur").params == {"sigma": 1.5}
@@ -124,7 +124,7 @@ def test_scanner_shift_changes_every_image_deterministically(dataset: Path, tmp_
 
 
 def test_shortcut_tube_on_exactly_the_intended_rows(dataset: Path, tmp_path: Path) -> None:
-    record = inject_fault(dataset, f"shortcut:{LABEL},fraction=0.5", tmp_path / "out", seed=1)
+    record = inject_fault(dataset, f"shortcut:{LABEL},fraction=0.5,train_fraction=1", tmp_path / "out", seed=1)
     ds = load_nih_dataset(dataset)
     k = CHEXNET_LABELS.index(LABEL)
     train = set((dataset / "train_val_list.txt").read_text().split())

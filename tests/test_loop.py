@@ -450,8 +450,12 @@ def test_fact_order_is_deterministic() -> None:
     f = lambda sev, kind, label: IssueFact(kind=kind, monitor=kind, label=label, severity=sev, message="")  # noqa: E731
     facts = [f("medium", "recall_collapse", "A"), f("high", "fp_cluster", "B"), f("high", "calibration_drift", "C"),
              f("critical", "auroc_drop", "D")]
-    assert [x.label for x in sort_facts(facts)] == ["D", "C", "B", "A"]
+    # severity first; at equal severity the cause (fp_cluster) before the symptom (calibration_drift)
+    assert [x.label for x in sort_facts(facts)] == ["D", "B", "C", "A"]
     assert sort_facts(reversed(facts)) == sort_facts(facts)
+    more = facts + [f("high", "auroc_drop", "E"), f("high", "compression_fidelity", None)]
+    assert [x.kind for x in sort_facts(more)][:5] == ["auroc_drop", "compression_fidelity", "fp_cluster",
+                                                      "auroc_drop", "calibration_drift"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,3 +575,52 @@ def test_an_issue_that_cannot_be_assessed_on_the_verify_split_is_not_verified(wo
                           acceptance=Acceptance())
     assert not vr.passed
     assert [c["name"] for c in vr.checks if not c["passed"]] == ["issue_assessable"]
+
+
+def test_a_partial_cannot_assess_blocks_only_what_it_skipped(world: World) -> None:
+    """'recall and AUROC not compared ...; calibration still checked' must not block a calibration fix."""
+    data = extract_features(world.drifted, world.dataset)
+    fact = op_point_monitor(world.drifted, data)[0]
+
+    def few_positives(bundle, view, parent=None, parent_data=None, **kw):
+        note = IssueFact(kind="cannot_assess", monitor="validity", label=fact.label, severity="info",
+                         message=f"{fact.label}: recall and AUROC not compared", evidence={
+                             "skipped": ["recall_collapse", "auroc_drop", "calibration_drift.auroc_intact"]})
+        return [note] + op_point_monitor(bundle, view)
+
+    fixed = world.healthy  # the drift undone: the op-point fact is gone
+    vr = verify_treatment(fact=fact, intervention="threshold", before_bundle=world.drifted, after_bundle=fixed,
+                          before=data, after=extract_features(fixed, world.dataset), monitor_fn=few_positives,
+                          acceptance=Acceptance(max_other_auroc_change=1.0))
+    assert {c["name"]: c["passed"] for c in vr.checks}["issue_gone"] is True
+    recall = fact.model_copy(update={"kind": "recall_collapse"})
+    vr = verify_treatment(fact=recall, intervention="threshold", before_bundle=world.drifted, after_bundle=fixed,
+                          before=data, after=extract_features(fixed, world.dataset), monitor_fn=few_positives,
+                          acceptance=Acceptance(max_other_auroc_change=1.0))
+    assert [c["name"] for c in vr.checks if not c["passed"]] == ["issue_assessable"]
+
+
+def test_fp_cluster_treatment_must_remove_the_clusters_verify_false_positives(world: World) -> None:
+    """The cluster's members on the verify split are counted before/after: untreated fails, treated passes."""
+    data = extract_features(world.drifted, world.dataset)
+    label = world.drifted.labels[K]
+    probs = sigmoid(data.logits[:, K])
+    y = data.labels[:, CHEXNET_LABELS.index(label)]
+    fps = [data.image_names[i] for i in np.flatnonzero((probs >= world.drifted.meta.thresholds[K]) & (y == 0))]
+    assert len(fps) >= 5
+    fact = IssueFact(kind="fp_cluster", monitor="fp_cluster", label=label, severity="high", message="tubes",
+                     evidence={"member_ids": fps})
+    nothing = lambda *a, **kw: []  # noqa: E731 -- isolate the cluster check from the monitors
+    untreated = verify_treatment(fact=fact, intervention="zeroing", before_bundle=world.drifted,
+                                 after_bundle=world.drifted, before=data, after=data, monitor_fn=nothing,
+                                 acceptance=Acceptance(max_tp_lost=10**6))
+    check = {c["name"]: c for c in untreated.checks}["cluster_fps_removed"]
+    assert not untreated.passed and check["value"] == 0 and not check["passed"]
+    healthy = extract_features(world.healthy, world.dataset)
+    treated = verify_treatment(fact=fact, intervention="zeroing", before_bundle=world.drifted,
+                               after_bundle=world.healthy, before=data, after=healthy, monitor_fn=nothing,
+                               acceptance=Acceptance(max_tp_lost=10**6, max_other_auroc_change=1.0))
+    check = {c["name"]: c for c in treated.checks}["cluster_fps_removed"]
+    expected = np.mean(sigmoid(healthy.logits[:, K])[[data.image_names.index(n) for n in fps]]
+                       < world.healthy.meta.thresholds[K])
+    assert check["value"] == pytest.approx(expected, abs=1e-6) and check["passed"] == (expected >= 0.5)

@@ -88,7 +88,7 @@ def test_content_hash_ignores_formatting_and_follows_content(tmp_path: Path) -> 
      "treatments, conditions, acceptance, verification, approval, budget, params, labels, monitors)"),
     ("name: x\nacceptance:\n  max_ece: 0.1\n",
      "==> At key: acceptance ==> At key: max_ece: unknown key (expected one of: max_other_auroc_change, "
-     "min_improvement, max_tp_lost, max_new_issues)"),
+     "min_improvement, max_tp_lost, max_new_issues, min_fp_removed_share)"),
     ("name: x\ntreatments:\n  fp_clusters: [zeroing]\n",
      "==> At key: treatments ==> At key: fp_clusters: unknown issue kind 'fp_clusters'"),
     ("name: x\ntreatments:\n  input_drift: [threshold]\n",

@@ -12,6 +12,7 @@ from rich.table import Table
 from engine.console import console, progress_task
 from engine.demo import FULL, QUICK, DemoConfig, Step, file_digest, run_step
 from engine.storage import atomic_write_json
+from model.inject import parse_fault
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -189,7 +190,9 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
 
         t = time.perf_counter()
         reused, _ = run_step(Step(f"inject_{name}", (target / "fault.json",),
-                                  {"data": file_digest(data), "spec": spec, "seed": cfg.seed}), stamps, inject)
+                                  {"data": file_digest(data), "spec": spec, "seed": cfg.seed,
+                                   # resolved parameters: a changed default re-injects
+                                   "params": parse_fault(spec).params}), stamps, inject)
         _announce(f"inject {spec} → {target}", reused, time.perf_counter() - t)
         fault_dirs[name] = target
         summary["outputs"][f"fault {name}"] = str(target)
@@ -214,7 +217,9 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
         ("scanner_shift", compressed, fault_dirs["scanner_shift"], default_policy, ["--parent", str(model_path)]),
         ("blur", compressed, fault_dirs["blur"], default_policy, ["--parent", str(model_path)]),
         ("shortcut", shortcut_model, fault_dirs["shortcut"], default_policy, []),
-        ("shortcut", shortcut_model, fault_dirs["shortcut"], cheap_policy, []),
+        # Where backbone work is cheap and auto-approved, the issue the default policy leaves for a
+        # human (a drift with too few positives for a threshold or head retraining) gets augmentation.
+        ("scanner_shift", compressed, fault_dirs["scanner_shift"], cheap_policy, ["--parent", str(model_path)]),
     ]
     for scenario, model, dataset, policy, extra in triages:
         run_dir = runs / f"{scenario}-{policy.stem}"

@@ -63,7 +63,7 @@ class FpClusterConfig(_Section):
     """A label's false positives share a cause that neither its TPs nor its TNs have (a shortcut)."""
 
     min_fp: int = Field(5, ge=2, description="Fewest false positives (and cluster members) worth examining.")
-    min_tp: int = Field(20, ge=2, description="Fewest true positives to compare with; with fewer the label is "
+    min_tp: int = Field(8, ge=2, description="Fewest true positives to compare with; with fewer the label is "
                         "skipped (the discriminant lives in n_components dimensions, and false negatives would look "
                         "different merely for scoring low).")
     max_reference_share: float = Field(0.2, gt=0, lt=1, description="The slice is the FPs whose cross-fitted "
