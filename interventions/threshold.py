@@ -45,6 +45,30 @@ METHODS = ("youden", "fixed_sensitivity", "cost_weighted")
 #: point) drifted; such facts also get an intercept recalibration.
 ECE_KEY = "calibration_drift.ece_increase"
 _EPS = 1e-6
+#: Fewer fit-split positives than this make a Youden threshold a guess (it is set by a handful of
+#: ranks). A calibration-drift fact that reports the reference false-positive rate then gets the
+#: threshold that restores that rate on the fit split's negatives alone: a scanner change moves
+#: every score, and the negatives (the large class) show where the old operating point went.
+MIN_YOUDEN_POSITIVES = 10
+
+
+def reference_fp_rate(fact: Any, label: str) -> float | None:
+    """The reference false-positive rate a calibration-drift fact on ``label`` reports, if any."""
+    if fact.label != label:
+        return None
+    value = fact.measured.get("reference_fp_rate")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        return None
+    return float(value)
+
+
+def negatives_threshold(probs_negatives: np.ndarray, fp_rate: float) -> float:
+    """Smallest threshold whose false-positive rate on these negatives is at most ``fp_rate``."""
+    neg = np.sort(np.asarray(probs_negatives, dtype=np.float64))[::-1]
+    allowed = int(math.floor(fp_rate * len(neg) + 1e-9))  # negatives that may stay at or above it
+    if allowed >= len(neg):
+        return _clip(float(neg[-1]))
+    return _clip(float(np.nextafter(neg[allowed], np.inf)))
 
 
 def fit_logit_offset(y: np.ndarray, logits: np.ndarray, *, max_iter: int = 100) -> float:
@@ -171,7 +195,8 @@ class ThresholdIntervention(Intervention):
                 return False, f"label {label!r} is not an output of this model with ground truth in the data"
         if params["scope"] == "label":
             y = ctx.fit.labels[:, _truth_column(targets[0])]
-            if y.all() or not y.any():
+            negatives_only = params["method"] == "youden" and reference_fp_rate(ctx.fact, targets[0]) is not None
+            if y.all() or not (y.any() or negatives_only):
                 return False, f"the fit split has only one class for {targets[0]} ({int(y.sum())}/{len(y)} positive)"
         return True, f"threshold refits the {params['method']} operating point of {', '.join(targets)} on the fit split"
 
@@ -188,7 +213,9 @@ class ThresholdIntervention(Intervention):
             label = ctx.fact.label
             k_out = ctx.bundle.labels.index(label)
             before_logits = logits[:, k_out].copy()
-            delta = fit_logit_offset(ctx.fit.labels[:, _truth_column(label)], before_logits)
+            y_fit = ctx.fit.labels[:, _truth_column(label)]
+            # with no positive on the fit split the likelihood has no finite optimum: no intercept shift
+            delta = fit_logit_offset(y_fit, before_logits) if y_fit.any() else 0.0
             with torch.no_grad():
                 new_bundle.model.classifier.bias[k_out] += delta
             logits[:, k_out] = before_logits + delta
@@ -203,17 +230,24 @@ class ThresholdIntervention(Intervention):
         for label in self._targets(ctx, params["scope"]):
             k_out = ctx.bundle.labels.index(label)
             y = ctx.fit.labels[:, _truth_column(label)]
-            if y.all() or not y.any():
+            ref_fp = reference_fp_rate(ctx.fact, label) if method == "youden" else None
+            few = ref_fp is not None and int(y.sum()) < MIN_YOUDEN_POSITIVES
+            if y.all() or not (y.any() or few):
                 if params["scope"] == "label":
                     raise InterventionError(f"threshold: the fit split has only one class for {label}")
                 skipped.append(label)
                 continue
             old = float(thresholds[k_out])
-            new = fit_threshold(y, probs[:, k_out], method, **extra)
+            if few:
+                new = negatives_threshold(probs[~y.astype(bool), k_out], ref_fp)
+                used, used_extra = "reference_fp_rate", {"target_fp_rate": ref_fp, "fit_positives": int(y.sum())}
+            else:
+                new = fit_threshold(y, probs[:, k_out], method, **extra)
+                used, used_extra = method, extra
             thresholds[k_out] = new
-            entry = {"op": "set_threshold", "label": label, "old": old, "new": new, "method": method, **extra}
+            entry = {"op": "set_threshold", "label": label, "old": old, "new": new, "method": used, **used_extra}
             history.append(entry)
-            changed.append({"label": label, "old": old, "new": new})
+            changed.append({"label": label, "old": old, "new": new, "method": used})
             before = confusion_at(y, old_probs[:, k_out], old)
             after = confusion_at(y, probs[:, k_out], new)
             fit_metrics[label] = {

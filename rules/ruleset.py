@@ -92,13 +92,17 @@ def _is_issue() -> Any:
 
 _RANKING = Condition(
     name="ranking_intact",
-    words="ranking intact (monitor's auroc_intact, else AUROC >= conditions.threshold.min_auroc_ratio x reference)",
+    words="ranking intact (monitor's auroc_intact, else AUROC >= conditions.threshold.min_auroc_ratio x reference), "
+          "or too few positives to judge ranking while the negatives' scores moved past the threshold (the "
+          "threshold then restores the reference false-positive rate from the negatives)",
     holds_reason="ranking intact (auroc_intact={auroc_intact}, AUROC ratio {auroc_ratio}, "
-                 "min_auroc_ratio {min_auroc_ratio})",
-    holds=lambda: (m.auroc_intact == True) | (-m.auroc_intact & (m.auroc_ratio >= m.min_auroc_ratio)),  # noqa: E712
+                 "min_auroc_ratio {min_auroc_ratio}; negatives moved past the threshold with ranking not "
+                 "judgeable: {negatives_moved})",
+    holds=lambda: ((m.auroc_intact == True) | (m.negatives_moved == True)  # noqa: E712
+                   | (-m.auroc_intact & (m.auroc_ratio >= m.min_auroc_ratio))),
     fails=(
         ("the monitor reports that ranking is not intact (auroc_intact=false), so a new operating point "
-         "cannot fix it", lambda: m.auroc_intact == False),  # noqa: E712
+         "cannot fix it", lambda: (m.auroc_intact == False) & -m.negatives_moved),  # noqa: E712
         ("ranking intactness unknown: the fact has neither auroc_intact nor an AUROC with a reference",
          lambda: -m.auroc_intact & -m.auroc_ratio),
         ("AUROC fell to {auroc_ratio} x reference, below min_auroc_ratio {min_auroc_ratio}",
@@ -206,6 +210,12 @@ def issue_record(fact: IssueFact, *, seq: int, run_id: str, policy: Policy,
     intact = _first(fact, "auroc_intact", "measured", "evidence")
     if isinstance(intact, bool):
         record["auroc_intact"] = intact
+    # Ranking not judgeable (too few positives) but the negatives moved past the threshold.
+    criteria = fact.evidence.get("criteria")
+    if (fact.kind == "calibration_drift" and fact.measured.get("auroc_comparable") is False
+            and isinstance(criteria, list) and "threshold_displacement" in criteria
+            and _number(fact.measured.get("reference_fp_rate")) is not None):
+        record["negatives_moved"] = True
     auc, ref = _number(fact.measured.get("auroc")), _number(fact.reference.get("auroc"))
     if auc is not None and ref is not None and ref > 0:
         record["auroc_ratio"] = round(float(auc) / float(ref), 6)

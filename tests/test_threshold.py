@@ -9,7 +9,7 @@ import torch
 from engine.errors import InterventionError
 from engine.facts import IssueFact
 from interventions.base import TreatmentContext, available_interventions, get_intervention
-from interventions.threshold import fit_threshold
+from interventions.threshold import fit_threshold, negatives_threshold
 from model.bundle import new_bundle
 from model.densenet import arch_config, build_model
 from model.features import FeatureSet
@@ -122,7 +122,8 @@ def test_input_not_mutated_and_change_recorded() -> None:
     entry = result.bundle.meta.history[-1]
     assert entry == {"op": "set_threshold", "label": LABEL, "old": bundle.meta.thresholds[K],
                      "new": result.bundle.meta.thresholds[K], "method": "youden"}
-    assert result.changes["thresholds"] == [{"label": LABEL, "old": entry["old"], "new": entry["new"]}]
+    assert result.changes["thresholds"] == [{"label": LABEL, "old": entry["old"], "new": entry["new"],
+                                           "method": "youden"}]
     assert set(result.fit_metrics[LABEL]) == {"before", "after"}
 
 
@@ -192,3 +193,47 @@ def test_not_applicable_outside_its_kinds_or_without_both_classes() -> None:
     assert not ok and "only one class" in why
     ok, why = get_intervention("threshold").applicable(_ctx(bundle, fit, fact=_fact(label=None)))
     assert not ok
+
+
+def test_negatives_threshold_restores_the_false_positive_rate() -> None:
+    """With too few positives for Youden, the threshold is read off the negatives alone."""
+    rng = np.random.default_rng(0)
+    neg = sigmoid(rng.normal(1.5, 1.0, 400))  # a scanner change lifted every negative's score
+    for rate in (0.0, 0.05, 0.2, 0.7):
+        t = negatives_threshold(neg, rate)
+        assert (neg >= t).mean() <= rate + 1e-12
+        assert (neg >= np.nextafter(t, 0)).mean() >= min(rate, 1.0) - 1.0 / len(neg)  # tight: no lower cut works
+
+
+def test_drift_with_few_fit_positives_uses_the_reference_fp_rate() -> None:
+    from pathlib import Path
+
+    from rules.policy import load_policy
+    from rules.ruleset import issue_record  # the rules see the same fact
+    rng = np.random.default_rng(1)
+    n = 300
+    y = np.zeros((n, 14), dtype=np.uint8)
+    y[:3, CHEXNET_LABELS.index(LABEL)] = 1  # three positives: Youden would be set by three ranks
+    feats = rng.normal(0, 1, (n, 16)).astype(np.float32)
+    torch.manual_seed(0)
+    cfg = arch_config("tiny")
+    bundle = new_bundle(build_model("densenet", cfg), config=cfg, input_size=32)
+    with torch.no_grad():
+        head = bundle.model.classifier
+        head.weight.zero_()
+        head.weight[:, : feats.shape[1]] = torch.from_numpy(rng.normal(0, 1, (14, feats.shape[1])).astype(np.float32))
+    logits = feats @ head.weight.detach().numpy()[:, : feats.shape[1]].T + head.bias.detach().numpy()
+    fit = FeatureSet(tuple(f"{i:08d}_000.png" for i in range(n)), np.arange(n), y,
+                     np.pad(feats, ((0, 0), (0, head.in_features - feats.shape[1]))), logits.astype(np.float32),
+                     bundle.weights_hash(), "m")
+    fact = IssueFact(kind="calibration_drift", monitor="calibration_drift", label=LABEL, severity="high",
+                     message="drift", measured={"reference_fp_rate": 0.1, "auroc_comparable": False},
+                     evidence={"criteria": ["threshold_displacement"]})
+    result = get_intervention("threshold").apply(TreatmentContext(bundle, fact, fit, None))
+    change = result.changes["thresholds"][0]
+    assert change["method"] == "reference_fp_rate"
+    neg = sigmoid(logits[y[:, CHEXNET_LABELS.index(LABEL)] == 0, K])
+    assert (neg >= result.bundle.meta.thresholds[K]).mean() <= 0.1 + 1e-12
+    assert result.bundle.meta.history[-1]["target_fp_rate"] == 0.1
+    policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
+    assert issue_record(fact, seq=0, run_id="r", policy=policy, context={}).get("negatives_moved") is True

@@ -92,14 +92,16 @@ class CalibrationDriftMonitor(Monitor):
 
     @staticmethod
     def _displacement(lab: LabelData, cfg) -> dict[str, float] | None:
-        """Where the reference threshold sits among the negatives' logits, now vs at reference (SD units)."""
+        """Where the deployed threshold sits among the negatives' logits now, vs where the reference
+        threshold sat among the reference negatives (SD units). Before any treatment the two
+        thresholds are the same; after a threshold treatment the deployed one is what is judged."""
         ref = lab.reference
         fp, tn = ref.get("fp"), ref.get("tn")
         neg = lab.logits[lab.y == 0]
         if fp is None or tn is None or fp + tn < 1 or len(neg) < 2:
             return None
         n0 = fp + tn
-        t = float(ref.get("threshold") if ref.get("threshold") is not None else lab.threshold)
+        t = float(lab.threshold)
         q_ref = min(max(fp / n0, 0.5 / n0), 1 - 0.5 / n0)
         z_ref = float(norm.ppf(1 - q_ref))
         q75, median, q25 = np.percentile(neg, [75, 50, 25])
@@ -188,7 +190,8 @@ class CalibrationDriftMonitor(Monitor):
             d = measured["threshold_displacement_sd"]
             parts.append(f"negatives' scores moved {abs(d):.1f} SD {'below' if d > 0 else 'above'} the threshold "
                          f"(FP rate {measured['fp_rate']:.2f} vs reference {measured['reference_fp_rate']:.2f})")
-        ranking = "ranking intact" if auroc_intact else "ranking NOT intact"
+        ranking = ("ranking intact" if auroc_intact else "ranking NOT intact" if reliable
+                   else f"ranking not assessable on {lab.positives} positive(s), so not counted as intact")
         measured.update(
             ece=ece, auroc=auc, auroc_intact=auroc_intact, youden_threshold=youden, deployed_threshold=deployed,
             threshold_shift=shift, calibration_slope=slope, calibration_intercept=intercept,
