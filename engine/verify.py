@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.facts import IssueFact
+from interventions.attribution import evidence_members
 from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet, extract_features
@@ -221,7 +222,7 @@ def _cluster_check(fact: IssueFact, before_bundle: Bundle, after_bundle: Bundle,
     the verify split were never seen by the treatment. Re-detecting the cluster on the verify half
     alone is no substitute: with few true positives there the monitor may not assess it at all.
     """
-    members = set(fact.evidence.get("member_ids") or fact.evidence.get("members") or [])
+    members = evidence_members(fact.evidence)
     label = fact.label or ""
     k_b = before_bundle.labels.index(label)
     k_a = after_bundle.labels.index(label)

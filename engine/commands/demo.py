@@ -217,8 +217,8 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
         ("scanner_shift", compressed, fault_dirs["scanner_shift"], default_policy, ["--parent", str(model_path)]),
         ("blur", compressed, fault_dirs["blur"], default_policy, ["--parent", str(model_path)]),
         ("shortcut", shortcut_model, fault_dirs["shortcut"], default_policy, []),
-        # Where backbone work is cheap and auto-approved, the issue the default policy leaves for a
-        # human (a drift with too few positives for a threshold or head retraining) gets augmentation.
+        # The same scenario under a site's policy where retraining needs fewer positives and
+        # augmentation is auto-approved: escalation may go further before a human is asked.
         ("scanner_shift", compressed, fault_dirs["scanner_shift"], cheap_policy, ["--parent", str(model_path)]),
     ]
     for scenario, model, dataset, policy, extra in triages:
