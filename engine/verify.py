@@ -205,13 +205,18 @@ def _blocks(cannot: IssueFact, fact: IssueFact) -> bool:
     """Whether a ``cannot_assess`` fact on the treated label makes ``fact`` unverifiable.
 
     The validity monitor's informational kind lists what it skipped (``evidence.skipped``: e.g.
-    recall and AUROC comparisons with too few positives, "calibration still checked"); it blocks
-    only those. A ``cannot_assess`` without that list (no positives, no negatives) blocks all.
+    recall and AUROC comparisons with too few positives, "calibration still checked"; or, without
+    positives, everything but the threshold displacement); it blocks only those, and a fact that
+    fired on a skipped criterion. A ``cannot_assess`` without that list (no negatives) blocks all.
     """
     skipped = cannot.evidence.get("skipped")
     if not isinstance(skipped, list):
         return True
-    return fact.kind in skipped or fact.monitor in skipped
+    if fact.kind in skipped or fact.monitor in skipped:
+        return True
+    # A criterion the verify split cannot re-check (e.g. ECE without positives) blocks the fact.
+    criteria = fact.evidence.get("criteria")
+    return isinstance(criteria, list) and any(f"{fact.kind}.{c}" in skipped for c in criteria)
 
 
 def _cluster_check(fact: IssueFact, before_bundle: Bundle, after_bundle: Bundle, before: FeatureSet,

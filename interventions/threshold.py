@@ -45,8 +45,9 @@ METHODS = ("youden", "fixed_sensitivity", "cost_weighted")
 #: point) drifted; such facts also get an intercept recalibration.
 ECE_KEY = "calibration_drift.ece_increase"
 _EPS = 1e-6
-#: Fewer fit-split positives than this make a Youden threshold a guess (it is set by a handful of
-#: ranks). A calibration-drift fact that reports the reference false-positive rate then gets the
+#: Fewer fit-split positives than this make a fitted operating point (Youden, a fixed sensitivity or
+#: a cost trade-off) a guess: it is set by a handful of ranks. A calibration-drift fact that reports
+#: the reference false-positive rate then gets, whatever the method, the
 #: threshold that restores that rate on the fit split's negatives alone: a scanner change moves
 #: every score, and the negatives (the large class) show where the old operating point went.
 MIN_YOUDEN_POSITIVES = 10
@@ -195,7 +196,7 @@ class ThresholdIntervention(Intervention):
                 return False, f"label {label!r} is not an output of this model with ground truth in the data"
         if params["scope"] == "label":
             y = ctx.fit.labels[:, _truth_column(targets[0])]
-            negatives_only = params["method"] == "youden" and reference_fp_rate(ctx.fact, targets[0]) is not None
+            negatives_only = reference_fp_rate(ctx.fact, targets[0]) is not None
             if y.all() or not (y.any() or negatives_only):
                 return False, f"the fit split has only one class for {targets[0]} ({int(y.sum())}/{len(y)} positive)"
         return True, f"threshold refits the {params['method']} operating point of {', '.join(targets)} on the fit split"
@@ -230,7 +231,7 @@ class ThresholdIntervention(Intervention):
         for label in self._targets(ctx, params["scope"]):
             k_out = ctx.bundle.labels.index(label)
             y = ctx.fit.labels[:, _truth_column(label)]
-            ref_fp = reference_fp_rate(ctx.fact, label) if method == "youden" else None
+            ref_fp = reference_fp_rate(ctx.fact, label)
             few = ref_fp is not None and int(y.sum()) < MIN_YOUDEN_POSITIVES
             if y.all() or not (y.any() or few):
                 if params["scope"] == "label":

@@ -600,6 +600,32 @@ def test_a_partial_cannot_assess_blocks_only_what_it_skipped(world: World) -> No
     assert [c["name"] for c in vr.checks if not c["passed"]] == ["issue_assessable"]
 
 
+def test_without_verify_positives_only_a_negatives_only_drift_is_verifiable(world: World) -> None:
+    """No positives on the verify split: a threshold-displacement drift is judged on the negatives; a
+    drift that fired on ECE cannot be re-checked there and stays unverified."""
+    from engine.monitors.validity import NEGATIVES_ONLY_SKIPPED
+
+    data = extract_features(world.drifted, world.dataset)
+    fact = op_point_monitor(world.drifted, data)[0]
+
+    def no_positives(bundle, view, parent=None, parent_data=None, **kw):
+        note = IssueFact(kind="cannot_assess", monitor="validity", label=fact.label, severity="low",
+                         message=f"{fact.label}: cannot assess: 0 positive(s)",
+                         evidence={"reason": "0 positive(s)", "skipped": NEGATIVES_ONLY_SKIPPED})
+        return [note] + op_point_monitor(bundle, view)
+
+    fixed = world.healthy
+    after = extract_features(fixed, world.dataset)
+    outcome = {}
+    for criteria in (["threshold_displacement"], ["ece", "threshold_displacement"]):
+        f = fact.model_copy(update={"evidence": dict(fact.evidence, criteria=criteria)})
+        vr = verify_treatment(fact=f, intervention="threshold", before_bundle=world.drifted, after_bundle=fixed,
+                              before=data, after=after, monitor_fn=no_positives,
+                              acceptance=Acceptance(max_other_auroc_change=1.0))
+        outcome[tuple(criteria)] = [c["name"] for c in vr.checks if not c["passed"]]
+    assert outcome == {("threshold_displacement",): [], ("ece", "threshold_displacement"): ["issue_assessable"]}
+
+
 def test_fp_cluster_treatment_must_remove_the_clusters_verify_false_positives(world: World) -> None:
     """The cluster's members on the verify split are counted before/after: untreated fails, treated passes."""
     data = extract_features(world.drifted, world.dataset)

@@ -249,6 +249,22 @@ def test_too_few_positives_skip_rank_comparisons(world) -> None:
     assert [f.label for f in _of(facts, "auroc_drop")] == ["Mass"]
 
 
+def test_no_positives_still_checks_the_negatives_threshold_displacement(scenarios) -> None:
+    """A scanner shift on a label with no positives: only the negatives can show it, and they do."""
+    ctx = scenarios["no_positives"]
+    k = CHEXNET_LABELS.index("Atelectasis")
+    shifted = ctx.data.with_logits(np.where(np.arange(K) == k, ctx.data.logits + 8.0, ctx.data.logits))
+    facts = run_monitors(MonitorContext(ctx.bundle, shifted), MonitorConfig())
+    drift = [f for f in _of(facts, "calibration_drift") if f.label == "Atelectasis"]
+    assert len(drift) == 1 and drift[0].evidence["criteria"] == ["threshold_displacement"]
+    assert drift[0].measured["auroc_comparable"] is False and drift[0].measured["positives"] == 0
+    assert drift[0].measured["threshold_displacement_sd"] < 0  # scores moved above the threshold
+    cannot = [f for f in facts if f.label == "Atelectasis" and f.kind == "cannot_assess"][0]
+    assert "calibration_drift.ece" in cannot.evidence["skipped"] and "calibration_drift" not in cannot.evidence["skipped"]
+    # unshifted, the same label raises nothing but the cannot_assess and the prevalence fact
+    assert not [f for f in _of(run_monitors(ctx, MonitorConfig()), "calibration_drift") if f.label == "Atelectasis"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Clean data: no false alarms
 

@@ -237,3 +237,23 @@ def test_drift_with_few_fit_positives_uses_the_reference_fp_rate() -> None:
     assert result.bundle.meta.history[-1]["target_fp_rate"] == 0.1
     policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
     assert issue_record(fact, seq=0, run_id="r", policy=policy, context={}).get("negatives_moved") is True
+
+
+def test_few_fit_positives_fall_back_to_the_reference_fp_rate_whatever_the_method() -> None:
+    """A per-label fixed-sensitivity method cannot be fitted on no positives; the negatives still can."""
+    bundle, fit, _, _, _ = _scenario()
+    k = CHEXNET_LABELS.index(LABEL)
+    y = fit.labels.copy()
+    y[:, k] = 0
+    fit = FeatureSet(fit.image_names, fit.patient_ids, y, fit.features, fit.logits, fit.weights_hash, "m")
+    fact = IssueFact(kind="calibration_drift", monitor="calibration_drift", label=LABEL, severity="high",
+                     message="drift", measured={"reference_fp_rate": 0.05, "auroc_comparable": False},
+                     evidence={"criteria": ["threshold_displacement"]})
+    ctx = _ctx(bundle, fit, params={"method": "fixed_sensitivity", "target": 0.9}, fact=fact)
+    plugin = get_intervention("threshold")
+    assert plugin.applicable(ctx)[0]
+    result = plugin.apply(ctx)
+    assert result.changes["thresholds"][0]["method"] == "reference_fp_rate"
+    assert (sigmoid(fit.logits[:, k]) >= result.bundle.meta.thresholds[k]).mean() <= 0.05 + 1e-12
+    # without the reference rate there is nothing to fit on
+    assert not plugin.applicable(_ctx(bundle, fit, params={"method": "fixed_sensitivity", "target": 0.9}))[0]

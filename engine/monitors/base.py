@@ -204,8 +204,13 @@ class LabelData:
         return int(len(self.y) - self.y.sum())
 
 
-def label_gate(ctx: MonitorContext, config: MonitorConfig, k: int, valid: np.ndarray) -> str | None:
-    """Why label ``k`` cannot be compared with its reference on this data, or None when it can."""
+def label_gate(ctx: MonitorContext, config: MonitorConfig, k: int, valid: np.ndarray, *,
+               need_positives: bool = True) -> str | None:
+    """Why label ``k`` cannot be compared with its reference on this data, or None when it can.
+
+    ``need_positives=False`` asks only what a negatives-only check needs (negatives and reference
+    metrics): where the deployed threshold sits among the negatives does not depend on positives.
+    """
     name = ctx.bundle.labels[k]
     cfg = config.for_label(name)
     if name not in _CHEXNET_INDEX:
@@ -214,7 +219,7 @@ def label_gate(ctx: MonitorContext, config: MonitorConfig, k: int, valid: np.nda
         return "no rows with finite outputs"
     y = np.asarray(ctx.data.labels)[valid, _CHEXNET_INDEX[name]]
     pos = int(y.sum())
-    if pos < cfg.min_positives:
+    if need_positives and pos < cfg.min_positives:
         return f"{pos} positive(s) on the audited data (min_positives={cfg.min_positives})"
     if pos == len(y):
         return "no negatives on the audited data"
@@ -251,14 +256,14 @@ def comparable(lab: "LabelData", config: MonitorConfig) -> bool:
     return comparison_problem(lab.reference, lab.positives, config, lab.name) is None
 
 
-def iter_labels(ctx: MonitorContext, config: MonitorConfig) -> Iterator[LabelData]:
+def iter_labels(ctx: MonitorContext, config: MonitorConfig, *, need_positives: bool = True) -> Iterator[LabelData]:
     """Assessable labels in bundle order (see :func:`label_gate`), restricted to finite rows."""
     valid = finite_rows(ctx.data)
     rows = np.flatnonzero(valid)
     logits_all = np.asarray(ctx.data.logits, dtype=np.float64)
     labels_all = np.asarray(ctx.data.labels)
     for k, name in enumerate(ctx.bundle.labels):
-        if label_gate(ctx, config, k, valid) is not None:
+        if label_gate(ctx, config, k, valid, need_positives=need_positives) is not None:
             continue
         z = logits_all[rows, k]
         yield LabelData(

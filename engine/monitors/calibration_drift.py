@@ -19,7 +19,8 @@ small held-out part the reference was measured on). The two statistical ones are
   31-image reference cannot claim more than ~2 SDs); on this data it sits
   ``(logit(t) - median) / robust SD`` of the negatives' logits. Fires when the two differ by at
   least ``max_threshold_displacement`` SDs: the scores moved wholesale against the threshold, as
-  after a new scanner, whichever way. Negatives only, so a prevalence shift does not move it.
+  after a new scanner, whichever way. Negatives only, so a prevalence shift does not move it, and
+  it is still checked on a label with too few positives for anything else (then alone).
 
 The fact carries ``auroc_intact``, ``youden_threshold``, ``deployed_threshold``, ``ece`` and ``auroc``:
 the rules allow "threshold only" treatments only while ranking is intact.
@@ -74,9 +75,16 @@ class CalibrationDriftMonitor(Monitor):
         # The family is every assessable label, enabled or not: a label's fact must not depend on
         # which other labels a re-check switched off (the loop re-checks treated labels only).
         family = len(assessable)
-        for lab in assessable:
+        full = {lab.name for lab in assessable}
+        for lab in iter_labels(ctx, config, need_positives=False):
             cfg = config.for_label(lab.name)
             if not cfg.calibration_drift.enabled:
+                continue
+            if lab.name not in full:
+                # Too few positives for ECE or Youden: the negatives still show a displaced threshold.
+                fact = self._check_negatives(lab, cfg)
+                if fact is not None:
+                    facts.append(fact)
                 continue
 
             def resamples(n_boot: int, n: int = len(lab.y)) -> np.ndarray:
@@ -110,6 +118,36 @@ class CalibrationDriftMonitor(Monitor):
         return {"threshold_displacement_sd": float(z_now - z_ref), "fp_rate": float((sigmoid(neg) >= t).mean()),
                 "reference_fp_rate": float(fp / n0), "negatives_logit_median": float(median),
                 "negatives_logit_scale": float(scale)}
+
+    def _check_negatives(self, lab: LabelData, config: MonitorConfig) -> IssueFact | None:
+        """The threshold-displacement criterion alone, for a label with too few positives for the rest.
+
+        Ranking cannot be judged there, so the fact says so (``auroc_comparable`` False): the rules
+        then allow only a threshold that restores the reference false-positive rate.
+        """
+        cfg = config.calibration_drift
+        disp = self._displacement(lab, cfg)
+        if disp is None or abs(disp["threshold_displacement_sd"]) < cfg.max_threshold_displacement:
+            return None
+        d = disp["threshold_displacement_sd"]
+        severity = severity_for(abs(d), cfg.max_threshold_displacement, config)
+        ref = lab.reference
+        return self.fact(
+            "calibration_drift",
+            label=lab.name,
+            severity=severity,
+            message=(f"{lab.name}: calibration drifted (negatives' scores moved {abs(d):.1f} SD "
+                     f"{'below' if d > 0 else 'above'} the threshold (FP rate {disp['fp_rate']:.2f} vs reference "
+                     f"{disp['reference_fp_rate']:.2f}); only {lab.positives} positive(s), so only the negatives "
+                     "were assessed)."),
+            measured=dict(disp, auroc_intact=False, auroc_comparable=False, deployed_threshold=lab.threshold,
+                          positives=lab.positives, n=len(lab.y), mean_probability=float(lab.probs.mean())),
+            reference={k: ref.get(k) for k in ("ece", "auroc", "youden_threshold")},
+            threshold={f"{_SECTION}.max_threshold_displacement": cfg.max_threshold_displacement},
+            evidence={"criteria": ["threshold_displacement"], "auroc_intact": False, "negatives_only": True,
+                      "deployed_threshold": lab.threshold,
+                      "reference_detail": {k: ref.get(k) for k in ("threshold", "prevalence", "fp", "tn", "n")}},
+        )
 
     def _check(self, lab: LabelData, config: MonitorConfig, resamples, family: int) -> IssueFact | None:
         cfg = config.calibration_drift

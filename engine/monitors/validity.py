@@ -5,7 +5,9 @@ logit or a label without positives yields one explicit fact instead of a crash o
 
 * ``invalid_output`` (critical, model-wide): rows with NaN/inf logits or features, by image id;
 * ``cannot_assess`` (low): a label with fewer than ``min_positives`` positives or no negatives,
-  without a ground-truth column, or without reference metrics; every label monitor skips it;
+  without a ground-truth column, or without reference metrics; every label monitor skips it, except
+  that calibration_drift still checks where the threshold sits among the negatives when only
+  positives are missing (``evidence.skipped`` lists what is skipped then);
 * ``cannot_assess`` (info): a label whose sensitivity/AUROC rest on fewer than
   ``min_comparison_positives`` positives (here or in the reference); only recall_collapse,
   auroc_drop and "ranking intact" skip it, calibration is still checked.
@@ -28,7 +30,12 @@ from engine.monitors.base import (
 from engine.monitors.config import MonitorConfig
 from model.labels import CHEXNET_LABELS
 
-__all__ = ["ValidityMonitor"]
+__all__ = ["NEGATIVES_ONLY_SKIPPED", "ValidityMonitor"]
+
+#: What a label with too few positives (but negatives and a reference) skips: every per-label
+#: check except calibration_drift's threshold displacement, which reads the negatives only.
+NEGATIVES_ONLY_SKIPPED = ["recall_collapse", "auroc_drop", "fp_cluster",
+                          "calibration_drift.ece", "calibration_drift.operating_point"]
 
 
 @register_monitor
@@ -85,13 +92,21 @@ class ValidityMonitor(Monitor):
                 measured.update(positives=int(y.sum()), negatives=int(len(y) - y.sum()))
                 if int(y.sum()) < cfg.min_positives:
                     threshold["min_positives"] = cfg.min_positives
+            evidence: dict[str, object] = {"reason": reason}
+            message = f"{name}: cannot assess: {reason}."
+            if label_gate(ctx, config, k, valid, need_positives=False) is None:
+                # Too few positives, but negatives and a reference: the threshold displacement
+                # (calibration_drift) needs nothing else, so it still runs; everything else is skipped.
+                evidence["skipped"] = NEGATIVES_ONLY_SKIPPED
+                message = (f"{name}: cannot assess: {reason}; only where the threshold sits among the negatives "
+                           "is still checked (calibration_drift).")
             facts.append(self.fact(
                 "cannot_assess",
                 label=name,
                 severity="low",
-                message=f"{name}: cannot assess: {reason}.",
+                message=message,
                 measured=measured,
                 threshold=threshold,
-                evidence={"reason": reason},
+                evidence=evidence,
             ))
         return facts
