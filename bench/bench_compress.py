@@ -6,7 +6,8 @@ split, which no step ever fits:
 
 - ours, exact stage only (lossless to float tolerance): the reduction it finds;
 - ours, tolerance mode (``cli.py compress`` defaults: per-label AUROC drop <= 0.001 on the
-  calibration holdout);
+  calibration holdout), only with ``--tolerance-row``: its guarded back-off ran for over 20
+  minutes on the 2-core machine, so the published run reads the AUROC limit off the sweep instead;
 - ours, target sweep (one planning pass, several target reductions);
 - torch-pruning magnitude (L1) and Taylor pruning at our 50 % reduction, without reconstruction
   and with a classifier-only re-fit (ridge least squares on the calibration images, to the
@@ -19,6 +20,7 @@ Fidelity: max and mean |Δlogit| against the parent, mean ΔAUROC and the worst 
 Usage (repository root; single-threaded by default because the machine is shared)::
 
     python bench/bench_compress.py [--datasets phantom nih] [--work /tmp/cxr_bench_compress]
+                                   [--phantoms 4000] [--epochs 8] [--tolerance-row]
                                    [--threads 1] [--json bench/results/compress.json] [--quick]
 
 ``--quick`` runs the tiny preset at 32 px (seconds; a smoke test of the script itself).
@@ -72,19 +74,19 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _dataset_root(kind: str, work: Path, quick: bool) -> Path:
+def _dataset_root(kind: str, work: Path, quick: bool, n_phantoms: int) -> Path:
     if kind == "nih":
         return NIH1000
-    root = work / ("phantoms_quick" if quick else "phantoms")
+    root = work / ("phantoms_quick" if quick else f"phantoms{n_phantoms}")
     if not (root / "Data_Entry_2017_v2020.csv").is_file():
         from model.phantom import generate_phantoms
 
-        generate_phantoms(root, 200 if quick else 600, size=32 if quick else 64, seed=0)
+        generate_phantoms(root, 200 if quick else n_phantoms, size=32 if quick else 64, seed=0)
     return root
 
 
 def _model(kind: str, root: Path, work: Path, quick: bool, epochs: int) -> Bundle:
-    path = work / f"{kind}_{'tiny' if quick else 'densenet121'}.safetensors"
+    path = work / f"{kind}_{root.name}_{'tiny' if quick else 'densenet121'}_e{2 if quick else epochs}.safetensors"
     if path.is_file():
         return load_bundle(path)
     ds = load_nih_dataset(root, "train_val")
@@ -174,7 +176,7 @@ def _classifier_refit(model: torch.nn.Module, parent: Bundle, x_cal: torch.Tenso
 def run_dataset(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
-    root = _dataset_root(kind, work, args.quick)
+    root = _dataset_root(kind, work, args.quick, args.phantoms)
     parent = _model(kind, root, work, args.quick, args.epochs)
     size = parent.meta.input_size
     calib_ds = load_nih_dataset(root, "train_val")
@@ -199,7 +201,9 @@ def run_dataset(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         return res.bundle
 
     ours("ours exact", CompressSettings(exact_only=True))
-    ours("ours tolerance (AUROC drop 0.001)", CompressSettings())
+    tolerance_row = "ours tolerance (AUROC drop 0.001)"
+    if args.tolerance_row:
+        ours(tolerance_row, CompressSettings())
     t0 = time.perf_counter()
     sweep = compress_targets(parent, calib_ds, list(args.targets), CompressSettings(max_auroc_drop=None),
                              report_data=report)
@@ -229,8 +233,9 @@ def run_dataset(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                          size))
     # CPU speed
     speed_of = {"parent": parent.model}
-    for name in ("ours tolerance (AUROC drop 0.001)", f"ours target {tp_target:.2f}", "torch-pruning magnitude L1"):
-        speed_of[name] = models[name]
+    for name in (tolerance_row, f"ours target {tp_target:.2f}", "torch-pruning magnitude L1"):
+        if name in models:
+            speed_of[name] = models[name]
     speeds = {}
     for name, model in speed_of.items():
         speeds[name] = {"latency_b1_ms": 1000 * measure_speed(model, size, 3, batch=1, repeats=20),
@@ -262,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=("phantom", "nih"), default=["phantom", "nih"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/cxr_bench_compress"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--phantoms", type=int, default=4000, help="phantoms to generate (the issue's 4,000)")
+    parser.add_argument("--tolerance-row", action="store_true",
+                        help="also run cli.py compress's tolerance mode (slow: guarded back-off per layer)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")

@@ -16,7 +16,11 @@ from typing import Any
 
 from engine.storage import atomic_write_json, canonical_json, sha256_bytes, sha256_file
 
-__all__ = ["DemoConfig", "QUICK", "FULL", "Step", "run_step", "file_digest"]
+__all__ = ["DemoConfig", "QUICK", "FULL", "Step", "run_step", "file_digest", "decision_code_digest"]
+
+_REPO = Path(__file__).resolve().parents[1]
+#: The code a triage decision depends on (monitors, rules, interventions, verification, policy schema).
+_DECISION_CODE = ("engine", "rules", "interventions", "model")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,14 @@ def file_digest(path: Path) -> str:
                 return sha256_file(path / name)
         return sha256_bytes(canonical_json(sorted(p.name for p in path.iterdir())))
     return sha256_file(path)
+
+
+def decision_code_digest() -> str:
+    """Hash of the Python sources triage decisions depend on, so that a changed rule or monitor
+    re-runs the (seconds-long) triage steps instead of showing stale decisions. Training and
+    compression are not keyed on it: minutes of work should not rerun for an unrelated edit."""
+    files = sorted(p for d in _DECISION_CODE for p in (_REPO / d).rglob("*.py"))
+    return sha256_bytes(canonical_json({str(p.relative_to(_REPO)): sha256_file(p) for p in files}))
 
 
 def run_step(step: Step, stamp_dir: Path, action: Callable[[], dict[str, Any] | None]) -> tuple[bool, dict[str, Any]]:

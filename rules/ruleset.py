@@ -95,7 +95,7 @@ _RANKING = Condition(
     words="ranking intact (monitor's auroc_intact, else AUROC >= conditions.threshold.min_auroc_ratio x reference), "
           "or too few positives to judge ranking while the negatives' scores moved past the threshold (the "
           "threshold then restores the reference false-positive rate from the negatives)",
-    holds_reason="ranking intact (auroc_intact={auroc_intact}, AUROC ratio {auroc_ratio}, "
+    holds_reason="ranking intact or not needed (auroc_intact={auroc_intact}, AUROC ratio {auroc_ratio}, "
                  "min_auroc_ratio {min_auroc_ratio}; negatives moved past the threshold with ranking not "
                  "judgeable: {negatives_moved})",
     holds=lambda: ((m.auroc_intact == True) | (m.negatives_moved == True)  # noqa: E712

@@ -10,7 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from engine.console import console, progress_task
-from engine.demo import FULL, QUICK, DemoConfig, Step, file_digest, run_step
+from engine.demo import FULL, QUICK, DemoConfig, Step, decision_code_digest, file_digest, run_step
 from engine.storage import atomic_write_json
 from model.inject import parse_fault
 
@@ -217,10 +217,11 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
         ("scanner_shift", compressed, fault_dirs["scanner_shift"], default_policy, ["--parent", str(model_path)]),
         ("blur", compressed, fault_dirs["blur"], default_policy, ["--parent", str(model_path)]),
         ("shortcut", shortcut_model, fault_dirs["shortcut"], default_policy, []),
-        # The same scenario under a site's policy where retraining needs fewer positives and
-        # augmentation is auto-approved: escalation may go further before a human is asked.
+        # The same scenario under a site's policy where classifier retraining is the cheapest fix
+        # and a new operating point costs more: it retrains where the default re-thresholds.
         ("scanner_shift", compressed, fault_dirs["scanner_shift"], cheap_policy, ["--parent", str(model_path)]),
     ]
+    code_hash = decision_code_digest()
     for scenario, model, dataset, policy, extra in triages:
         run_dir = runs / f"{scenario}-{policy.stem}"
 
@@ -236,7 +237,8 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
         t = time.perf_counter()
         reused, info = run_step(Step(f"triage_{run_dir.name}", (run_dir / "decision.json",),
                                      {"model": file_digest(model), "data": file_digest(dataset),
-                                      "policy": file_digest(policy), "seed": cfg.seed}), stamps, triage)
+                                      "policy": file_digest(policy), "seed": cfg.seed, "code": code_hash}),
+                                stamps, triage)
         _announce(f"triage {scenario} with {policy.name} → {run_dir}", reused, time.perf_counter() - t)
         issues, decided, outcome = _decision_summary(run_dir)
         rows.append((scenario, model.stem, policy.stem, issues, decided, outcome, str(info.get("exit"))))
