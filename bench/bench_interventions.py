@@ -203,11 +203,15 @@ def _print_row(scenario: str, name: str, row: dict[str, Any]) -> None:
     cl_txt = f" cluster FP {cl['before']}->{cl['after']} (dprob {cl['mean_delta_prob']:+.3f})" if cl else ""
     col = row["collateral"]
     drop = col["max_other_auroc_drop"]
+
+    def pair(key: str, spec: str) -> str:
+        """``before->after``; '-' where a metric is undefined (e.g. AUROC with no positives on VERIFY)."""
+        return "->".join("-" if m[key] is None else format(m[key], spec) for m in (b, a))
+
     print(f"  {scenario:16s} {name:16s} {row['wall_time_s_median']:7.2f} s | "
-          f"AUROC {b['auroc'] or 0:.3f}->{a['auroc'] or 0:.3f} sens {b['sensitivity'] or 0:.2f}->"
-          f"{a['sensitivity'] or 0:.2f} spec {b['specificity'] or 0:.2f}->{a['specificity'] or 0:.2f} "
-          f"F1 {b['f1'] or 0:.2f}->{a['f1'] or 0:.2f} TP {b['tp']}->{a['tp']}"
-          f" FP {b['fp']}->{a['fp']} ECE {b['ece'] or 0:.3f}->{a['ece'] or 0:.3f}{cl_txt} | other AUROC drop "
+          f"AUROC {pair('auroc', '.3f')} sens {pair('sensitivity', '.2f')} spec {pair('specificity', '.2f')} "
+          f"F1 {pair('f1', '.2f')} TP {b['tp']}->{a['tp']}"
+          f" FP {b['fp']}->{a['fp']} ECE {pair('ece', '.3f')}{cl_txt} | other AUROC drop "
           f"{'n/a' if drop is None else f'{drop:+.4f}'}"
           f"{' (bit-identical)' if col['other_logits_bit_identical'] else ''}", flush=True)
 

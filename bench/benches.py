@@ -84,7 +84,8 @@ BENCHES: tuple[Bench, ...] = (
           quick_args=("--n", "300", "--repeats", "1")),
     Bench("interventions", "Interventions: wall time and effect beside the paper's cost matrix",
           "bench/bench_interventions.py",
-          args=(),
+          # issue 5's scenario: DenseNet121 on 2,000 phantoms (the script's defaults are a 5-minute smaller run)
+          args=("--n", "2000", "--preset", "densenet121", "--epochs", "8", "--zeroing-max-channels-sweep", "20", "40", "80"),
           quick_args=("--n", "200", "--size", "32", "--preset", "tiny", "--epochs", "1", "--repeats", "1",
                       "--aug-epochs", "1", "--retrain-epochs", "1", "--zeroing-max-channels-sweep", "--nih-epochs", "1",
                       "--timing-rows", "200"),
