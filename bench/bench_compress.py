@@ -5,9 +5,10 @@ on the train_val split (or loaded from --work), calibrated on train_val and scor
 split, which no step ever fits:
 
 - ours, exact stage only (lossless to float tolerance): the reduction it finds;
-- ours, tolerance mode (``cli.py compress`` defaults: per-label AUROC drop <= 0.001 on the
-  calibration holdout), only with ``--tolerance-row``: its guarded back-off ran for over 20
-  minutes on the 2-core machine, so the published run reads the AUROC limit off the sweep instead;
+- ours, tolerance mode (``cli.py compress`` defaults: mean AUROC drop <= 0.001, any label
+  <= 0.005, on the calibration holdout), only with ``--tolerance-row``: a bisection of up to six
+  target passes, so it costs about six sweep rows; the published run reads the AUROC limit off
+  the sweep, judged on the test split, instead;
 - ours, target sweep (one planning pass, several target reductions);
 - torch-pruning magnitude (L1) and Taylor pruning at our 50 % reduction, without reconstruction
   and with a classifier-only re-fit (ridge least squares on the calibration images, to the
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--phantoms", type=int, default=4000, help="phantoms to generate (the issue's 4,000)")
     parser.add_argument("--tolerance-row", action="store_true",
-                        help="also run cli.py compress's tolerance mode (slow: guarded back-off per layer)")
+                        help="also run cli.py compress's tolerance mode (a bisection of up to 6 target passes)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")

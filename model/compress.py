@@ -21,9 +21,9 @@ Stages (all on calibration images; fidelity is measured on images that were not 
    gradient sensitivity (how much a unit error on that channel moves the logits) and per-layer
    budgets come from one global trade-off (error per parameter, Lagrangian allocation over the
    layers' elimination curves), so the reduction is spent where reconstruction is cheap. With
-   tolerances, every step is checked on a patient-disjoint held-out part of the calibration data
-   (max |Δlogit| against a schedule; |mean ΔAUROC| <= tol and every label <= 5 tol) and backed
-   off when it fails; whole passes are repeated with a smaller or larger error budget.
+   tolerances, whole target passes are judged on a patient-disjoint held-out part of the
+   calibration data (max |Δlogit|; |mean ΔAUROC| <= tol and every label <= 5 tol) and a bisection
+   finds the largest reduction that stays inside them (a target given with tolerances caps it).
 3. **Surgery**: produced channels that no consumer reads any more are removed physically (rows of
    ``conv2`` / transition convolutions / ``conv0``), layers that produce nothing disappear, and
    the result is a :class:`model.compressed.PrunedDenseNet`.
@@ -132,8 +132,8 @@ class CompressSettings:
     #: Sampled positions per 1x1 / 3x3 least-squares problem.
     positions: int = 16384
     positions_3x3: int = 8192
-    #: Most compression passes when tolerances steer the budget.
-    max_passes: int = 3
+    #: Most target passes (probes of the bisection) when tolerances steer the reduction.
+    max_passes: int = 6
     #: Memory allowance for cached activations (MiB), which bounds the views at large inputs.
     memory_mb: int = 1024
     #: Weight of multiply-adds against parameters when budgets are allocated (0: parameters only;
@@ -1653,41 +1653,66 @@ def _for_target(pl: _Planning, target: float, guard: _Guard | None, progress: Pr
                   "planned_params": plan.params + pl.fixed, "predicted_sq_error": sum(plan.err.values())}
 
 
-def _for_tolerance(pl: _Planning, progress: Progress | None, log: list[str]) -> tuple[_Walk, dict[str, Any]]:
-    """Passes with an error budget steered by the held-out deviation; the best passing one wins."""
+def _reachable_reduction(pl: _Planning) -> float:
+    """The largest parameter reduction a target pass can deliver (one input channel per consumer)."""
+    floor = _plan_for_params(pl.curves, 0, pl.flop_price)
+    return max(0.0, 1.0 - (floor.params + pl.fixed + 1) / pl.total)
+
+
+#: The tolerance search stops once the passing and failing reductions are this close.
+SEARCH_RESOLUTION = 0.01
+
+
+def _for_tolerance(pl: _Planning, progress: Progress | None, log: list[str], cap: float | None = None
+                   ) -> tuple[_Walk, dict[str, Any]]:
+    """The largest reduction (at most ``cap``) whose target pass stays inside the tolerances.
+
+    Each probe is one unguarded target pass (as ``--target-reduction``) judged once on the held-out
+    calibration part; the deviation grows with the reduction, so a bisection between the largest
+    passing and the smallest failing reduction needs few probes (``max_passes``). The first probe is
+    ``cap`` when given, else the reduction the planning curves predict for the logit tolerance. A
+    per-step guard that re-ran the held-out forward after every consumer took over 20 minutes on
+    2 cores; this takes ``max_passes`` target passes.
+    """
     settings = pl.settings
     d_eff = _default_logit_delta(settings)
+    tol_settings = replace(settings, max_logit_delta=d_eff)
     k_out = pl.parent.classifier.out_features
-    budget_err = k_out * (d_eff / 3.5) ** 2
+    lo, hi = 0.0, _reachable_reduction(pl)
+    if cap is not None:
+        hi = min(hi, cap)
+        r = hi
+    else:
+        guess = _plan_for_error(pl.curves, k_out * (d_eff / 3.5) ** 2, pl.flop_price)
+        r = min(max(1.0 - (guess.params + pl.fixed) / pl.total, 2 * SEARCH_RESOLUTION), hi)
     best: tuple[_Walk, dict[str, Any]] | None = None
-    passes = 0
-    for p in range(settings.max_passes):
-        passes = p + 1
-        plan = _plan_for_error(pl.curves, budget_err, pl.flop_price)
-        walk = _Walk(pl.parent, pl.calib, mode="compress", settings=settings, sens=pl.sens, plan=plan,
-                     guard=_guard(pl, d_eff),
-                     cache=pl.cache, progress=progress).run()
-        logits = _logits(walk.work, pl.calib.hold)
-        fid = fidelity(pl.hold_ref, logits, pl.calib.hold_labels, [str(i) for i in range(k_out)], n_boot=1)
-        ok = _tolerance_ok(fid, replace(settings, max_logit_delta=d_eff))
+    probes: list[dict[str, Any]] = []
+    for _ in range(settings.max_passes):
+        walk, _info = _for_target(pl, r, None, progress)
+        fid = fidelity(pl.hold_ref, _logits(walk.work, pl.calib.hold), pl.calib.hold_labels,
+                       [str(i) for i in range(k_out)], n_boot=1)
+        ok = _tolerance_ok(fid, tol_settings)
         params = sum(q.numel() for q in surgery(walk.work).parameters())
-        log.append(f"pass {passes}: predicted error budget {budget_err:.3g}, {params:,} parameters, held-out max "
+        probes.append({"target": round(r, 6), "params": params, "holdout_max_dlogit": fid["max_abs_dlogit"],
+                       "within_tolerance": ok})
+        log.append(f"probe {len(probes)}: target reduction {r:.3f}, {params:,} parameters, held-out max "
                    f"|Δlogit| {fid['max_abs_dlogit']:.4g}, within tolerance: {ok}")
-        entry = {"mode": "tolerance", "lam": plan.lam, "predicted_sq_error": sum(plan.err.values()),
-                 "holdout_max_dlogit": fid["max_abs_dlogit"], "params": params, "logit_tolerance": d_eff}
-        if ok and (best is None or params < best[1]["params"]):
-            best = (walk, entry)
-        m = max(fid["max_abs_dlogit"], 1e-12)
-        scale = (d_eff / m) ** 2 * 0.7 if ok else min(0.25, (d_eff / m) ** 2 * 0.4)
-        if ok and scale < 1.5:
+        if ok:
+            lo = r
+            if best is None or params < best[1]["params"]:
+                best = (walk, {"mode": "tolerance", "target": round(r, 6), "params": params,
+                               "holdout_max_dlogit": fid["max_abs_dlogit"], "logit_tolerance": d_eff})
+        else:
+            hi = r
+        if hi - lo <= SEARCH_RESOLUTION or (ok and cap is not None and r >= cap):
             break
-        budget_err *= min(max(scale, 0.02), 50.0)
+        r = 0.5 * (lo + hi)
     if best is None:
-        log.append("no pass met the tolerance; falling back to the exact stage only")
+        log.append("no probe met the tolerance; falling back to the exact stage only")
         walk = _Walk(pl.parent, pl.calib, mode="exact", settings=settings, cache=pl.cache, progress=progress).run()
-        return walk, {"mode": "exact (fallback)", "passes": passes + 1}
+        return walk, {"mode": "exact (fallback)", "passes": len(probes) + 1, "probes": probes}
     walk, entry = best
-    entry["passes"] = passes
+    entry.update(passes=len(probes), probes=probes)
     return walk, entry
 
 
@@ -1698,10 +1723,9 @@ def _run_compress(parent_net: PrunedDenseNet, calib: Calibration, settings: Comp
         _check_sizes(parent_net, calib, walk)
         return walk.run(), {"mode": "exact", "passes": 1}
     pl = _planning(parent_net, calib, settings, progress)
-    if settings.target_reduction is not None:
-        guard = _guard(pl, settings.max_logit_delta) if settings.tolerances else None
-        return _for_target(pl, settings.target_reduction, guard, progress)
-    return _for_tolerance(pl, progress, log)
+    if settings.target_reduction is not None and not settings.tolerances:
+        return _for_target(pl, settings.target_reduction, None, progress)
+    return _for_tolerance(pl, progress, log, cap=settings.target_reduction)
 
 
 def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk: _Walk, info: dict[str, Any],

@@ -364,6 +364,31 @@ def test_tolerance_mode_stays_inside_its_logit_tolerance(data):
     assert result.report["ratios"]["parameter_reduction"] > 0.0
 
 
+def test_tolerance_search_keeps_the_largest_passing_reduction(data):
+    """Every probe is judged on the holdout; the kept one passes and every larger probe failed."""
+    ds = load_nih_dataset(data, "train_val")
+    settings = CompressSettings(max_auroc_drop=None, max_logit_delta=2.0, max_passes=4, views=2)
+    result = compress_bundle(tiny_bundle(), ds, settings, speed=False, report_data=None)
+    strategy = result.report["strategy"]
+    probes = strategy["probes"]
+    assert 1 <= len(probes) <= 4 and strategy["mode"] == "tolerance"
+    assert all((p["holdout_max_dlogit"] <= 2.0) == p["within_tolerance"] for p in probes)
+    assert any(p["within_tolerance"] for p in probes)
+    kept = strategy["target"]
+    assert [p for p in probes if p["target"] == kept][0]["within_tolerance"]
+    assert all(not p["within_tolerance"] for p in probes if p["target"] > kept)
+    assert result.report["fidelity"]["max_abs_dlogit"] <= 2.0  # the report is on the same holdout
+
+
+def test_target_with_loose_tolerance_is_one_probe_at_the_target(data):
+    """A target given with tolerances caps the search: met at once when the tolerance allows it."""
+    ds = load_nih_dataset(data, "train_val")
+    settings = CompressSettings(target_reduction=0.3, max_auroc_drop=None, max_logit_delta=1e6, views=2)
+    result = compress_bundle(tiny_bundle(), ds, settings, speed=False, report_data=None)
+    assert [p["target"] for p in result.report["strategy"]["probes"]] == [0.3]
+    assert result.report["target_met"] is True
+
+
 def test_cli_compress_then_evaluate(data, tmp_path):
     model = tmp_path / "m.safetensors"
     save_bundle(tiny_bundle(), model)

@@ -64,8 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flops-weight", type=float, default=0.5,
                    help="how much saved multiply-adds count against saved parameters when budgets are shared "
                    "out (0: parameters only; 1: equal; default: %(default)s)")
-    p.add_argument("--max-passes", type=int, default=3,
-                   help="compression passes when tolerances steer the budget (default: %(default)s)")
+    p.add_argument("--max-passes", type=int, default=6,
+                   help="target passes tried when tolerances steer the reduction: a bisection for the largest "
+                   "reduction inside them, each pass as fast as one --target-reduction run (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, augmentation and sampling (default: %(default)s)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the full report as JSON here")
     p.add_argument("--no-speed", action="store_true", help="skip the CPU latency/throughput measurement")
