@@ -288,9 +288,10 @@ class ThresholdParams(_Strict):
         return self
 
 
+# zeroing's max_channels and partial_retrain's min_positives are not here: they default to the
+# rule's value in ``conditions`` (see Policy.params_for).
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "threshold": {"method": "youden"},
-    "zeroing": {"max_channels": 10},
 }
 
 
@@ -494,9 +495,20 @@ class Policy(_Strict):
         return self._label_conditions.get(label, self.conditions) if label is not None else self.conditions
 
     def params_for(self, intervention: str, label: str | None = None) -> dict[str, Any]:
-        """A fresh copy of the parameters passed to ``intervention`` for ``label``."""
+        """A fresh copy of the parameters passed to ``intervention`` for ``label``.
+
+        A limit that the proposing rule also checks defaults to the rule's value in ``conditions``,
+        so the rule and the plugin read one number (explicit ``params`` still win): the plugin's
+        ``min_positives`` (counted on the fit half, at least 2) and ``max_channels``.
+        """
         table = self._label_params.get(label, self.params) if label is not None else self.params
-        return copy.deepcopy(dict(table.get(intervention, {})))
+        params = copy.deepcopy(dict(table.get(intervention, {})))
+        cond = self.conditions_for(label)
+        if intervention == "partial_retrain":
+            params.setdefault("min_positives", max(2, cond.partial_retrain.min_positives))
+        elif intervention == "zeroing":
+            params.setdefault("max_channels", cond.zeroing.max_channels)
+        return params
 
 
 def _validate_into(model: type[BaseModel], data: Any, prefix: tuple[str | int, ...]) -> list[tuple[tuple, str]]:

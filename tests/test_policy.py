@@ -212,6 +212,22 @@ def test_params_for_returns_a_copy() -> None:
     assert policy.params_for("threshold") == {"method": "youden"}
 
 
+def test_plugin_limits_follow_the_rule_conditions_unless_params_set_them() -> None:
+    """The rule that proposes partial_retrain / zeroing and the plugin that applies it read one number."""
+    policy = policy_from_dict({
+        "name": "x",
+        "conditions": {"partial_retrain": {"min_positives": 5}, "zeroing": {"max_channels": 7}},
+        "labels": {"Pneumothorax": {"conditions": {"partial_retrain": {"min_positives": 1}},
+                                    "params": {"zeroing": {"max_channels": 3}}}},
+    })
+    assert policy.params_for("partial_retrain") == {"min_positives": 5}
+    assert policy.params_for("partial_retrain", "Pneumothorax") == {"min_positives": 2}  # training needs 2 of each
+    assert policy.params_for("zeroing") == {"max_channels": 7}
+    assert policy.params_for("zeroing", "Pneumothorax") == {"max_channels": 3}  # explicit params win
+    explicit = policy_from_dict({"name": "y", "params": {"partial_retrain": {"min_positives": 12}}})
+    assert explicit.params_for("partial_retrain") == {"min_positives": 12}
+
+
 def test_label_monitor_overrides_in_two_places_are_refused() -> None:
     with pytest.raises(PolicyError, match="monitors.overrides.Effusion is also set"):
         policy_from_dict({"name": "x", "monitors": {"overrides": {"Effusion": {"auroc_drop": {"max_drop": 0.1}}}},
