@@ -41,7 +41,7 @@ from engine.facts import IssueFact
 from rules.policy import NO_ACTION, Policy
 from rules.ruleset import build_ruleset, issue_record, ruleset_name
 
-__all__ = ["Candidate", "Decision", "RuleEngineError", "decide", "ESCALATE_RULE"]
+__all__ = ["Candidate", "Decision", "RuleEngineError", "decide", "ESCALATE_RULE", "format_duration"]
 
 #: ``rule`` of the no_action candidate recorded when nothing can treat a fact.
 ESCALATE_RULE = "escalate:no_candidate"
@@ -178,10 +178,11 @@ def _run_rules(records: list[dict[str, Any]], policy: Policy, run_id: str) -> li
 # -- selection ----------------------------------------------------------------------------------
 
 def _fmt_cost(c: Candidate) -> str:
-    return f"{c.intervention} (cost {c.cost:g}, ~{_fmt_time(c.expected_time_s)})"
+    return f"{c.intervention} (cost {c.cost:g}, ~{format_duration(c.expected_time_s)})"
 
 
-def _fmt_time(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """An expected or measured duration in the unit a person reads it in (s, min, h)."""
     if seconds < 60:
         return f"{seconds:g} s"
     if seconds < 3600:

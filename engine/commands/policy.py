@@ -113,15 +113,9 @@ def explain_rows(policy: Any, label: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _fmt_time(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:g} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.3g} min"
-    return f"{seconds / 3600:.3g} h"
-
-
 def _explain(policy: Any) -> int:
+    from rules.decide import format_duration
+
     where = f" ({policy.source_path})" if policy.source_path else ""
     console.print(f"[bold]Policy {escape(policy.name)}[/] version {escape(policy.version)}{escape(where)}, "
                   f"sha256 {policy.content_hash[:16]}…", highlight=False)
@@ -137,7 +131,7 @@ def _explain(policy: Any) -> int:
         for i, c in enumerate(info["candidates"], 1):
             mark = "[bold green]chosen[/]" if c["intervention"] == info["chosen"] else ""
             table.add_row(kind if i == 1 else "", str(i), c["intervention"], mark, f"{c['cost']:g}",
-                          _fmt_time(c["expected_time_s"]),
+                          format_duration(c["expected_time_s"]),
                           "needs --approve" if c["needs_approval"] else "automatic", escape(c["conditions"]))
     console.print(table)
     console.print("[bold]Default choice[/] (every condition met; a candidate whose condition fails is skipped and "
@@ -191,6 +185,7 @@ def _read_observations(path: Path) -> list[dict[str, Any]]:
 
 
 def _revise(policy: Any, args: argparse.Namespace) -> int:
+    from rules.decide import format_duration
     from rules.revise import revise_costs
 
     if args.out is not None and args.out.resolve() == args.policy.resolve():
@@ -205,7 +200,7 @@ def _revise(policy: Any, args: argparse.Namespace) -> int:
     for r in result.rows:
         proposed = f"[bold]{r.new_cost:g}[/]" if r.changed else f"{r.new_cost:g}"
         table.add_row(r.intervention, str(r.n), str(r.accepted), str(r.rejected), str(r.errors),
-                      "n/a" if r.median_time_s is None else _fmt_time(r.median_time_s), f"{r.old_cost:g}",
+                      "n/a" if r.median_time_s is None else format_duration(r.median_time_s), f"{r.old_cost:g}",
                       proposed, escape(r.reason))
     console.print(table)
     if result.skipped:
