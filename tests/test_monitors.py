@@ -340,7 +340,8 @@ def test_fp_cluster_finds_the_planted_shortcut(world) -> None:
     members = set(fact.evidence["member_ids"])
     planted_ids = {data.image_names[i] for i in planted}
     assert len(members & planted_ids) / len(members) >= 0.95
-    assert fact.measured["cluster_size"] >= 0.9 * min(len(planted), MonitorConfig().max_evidence_ids)
+    assert fact.measured["cluster_size"] >= 0.9 * len(planted)
+    assert len(members) == fact.measured["cluster_size"]  # every member listed: verification judges them all
     for key in ("n_fp", "n_tp", "cluster_size", "share", "separation_auroc", "negative_separation_auroc"):
         assert key in fact.measured
     assert fact.measured["share"] >= 0.5 and fact.measured["separation_auroc"] >= 0.9

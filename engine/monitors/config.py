@@ -142,8 +142,9 @@ class MonitorConfig(BaseModel):
     high_severity_factor: float = Field(2.0, ge=1, description="A finding is 'high' severity when it exceeds its "
                                         "tolerance by this factor (e.g. an ECE increase of 2 x ece_increase).")
     seed: int = Field(0, description="Seed of every bootstrap, subsample and clustering.")
-    max_evidence_ids: int = Field(200, ge=1, description="Most image ids listed in one fact's evidence "
-                                  "(counts are always complete).")
+    max_evidence_ids: int = Field(200, ge=1, description="Most image ids listed as examples in one fact's evidence "
+                                  "(counts are always complete; an FP cluster always lists all its members, which "
+                                  "verification judges).")
     calibration_drift: CalibrationDriftConfig = CalibrationDriftConfig()
     fp_cluster: FpClusterConfig = FpClusterConfig()
     recall_collapse: RecallCollapseConfig = RecallCollapseConfig()

@@ -39,7 +39,7 @@ import numpy as np
 from sklearn.utils.extmath import randomized_svd
 
 from engine.facts import IssueFact
-from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels, logit, register_monitor, sample_ids
+from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels, logit, register_monitor
 from engine.monitors.config import MonitorConfig
 from model.metrics import auroc
 
@@ -258,7 +258,8 @@ class FpClusterMonitor(Monitor):
                        f"{_SECTION}.min_negative_separation_auroc": cfg.min_negative_separation_auroc,
                        f"{_SECTION}.alpha": cfg.alpha},
             evidence={
-                "member_ids": sample_ids(ctx.data.image_names, cluster, config.max_evidence_ids),
+                # Complete, not a sample: verification and zeroing judge the treatment on these members.
+                "member_ids": [ctx.data.image_names[int(i)] for i in cluster],
                 "channels": [int(c) for c in top],
                 "channel_contributions": [
                     {"channel": int(c), "weight": float(w[c]), "cluster_mean": float(c_cluster[c]),
