@@ -6,9 +6,8 @@ split, which no step ever fits:
 
 - ours, exact stage only (lossless to float tolerance): the reduction it finds;
 - ours, tolerance mode (``cli.py compress`` defaults: mean AUROC drop <= 0.001, any label
-  <= 0.005, on the calibration holdout), only with ``--tolerance-row``: a bisection of up to six
-  target passes, so it costs about six sweep rows; the published run reads the AUROC limit off
-  the sweep, judged on the test split, instead;
+  <= 0.005, on the calibration holdout), with ``--tolerance-row`` (``bench/run_all`` passes it):
+  a bisection of up to six target passes, so it costs about six sweep rows;
 - ours, target sweep (one planning pass, several target reductions);
 - torch-pruning magnitude (L1) and Taylor pruning at our 50 % reduction, without reconstruction
   and with a classifier-only re-fit (ridge least squares on the calibration images, to the

@@ -91,7 +91,7 @@ BENCHES: tuple[Bench, ...] = (
                       "--timing-rows", "200"),
           json_flag="--out", workdir_flag="--workdir"),
     Bench("compress", "Compression: ours vs torch-pruning", "bench/bench_compress.py",
-          args=("--datasets", "phantom", "nih"),
+          args=("--datasets", "phantom", "nih", "--tolerance-row"),
           quick_args=("--quick",), workdir_flag="--work"),
 )
 
