@@ -1672,7 +1672,7 @@ def _for_tolerance(pl: _Planning, progress: Progress | None, log: list[str], cap
     passing and the smallest failing reduction needs few probes (``max_passes``). The first probe is
     ``cap`` when given, else the reduction the planning curves predict for the logit tolerance. A
     per-step guard that re-ran the held-out forward after every consumer took over 20 minutes on
-    2 cores; this takes ``max_passes`` target passes.
+    2 cores; this takes at most ``max_passes`` target passes.
     """
     settings = pl.settings
     d_eff = _default_logit_delta(settings)
