@@ -2,7 +2,7 @@
 """cxr-triage: a rule-driven treatment decision engine for a deployed chest X-ray classifier.
 
 Run ``python cli.py --help`` for the commands. This file only parses arguments, dispatches to
-``engine.commands.<command>`` and maps errors to exit codes (see ``engine.errors``).
+``engine.commands.<command>`` and maps errors to exit codes (see ``engine.core.errors``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine.commands import COMMAND_MODULES  # noqa: E402
-from engine.errors import EXIT_ERROR, EXIT_USAGE, TriageError  # noqa: E402
+from engine.core.errors import EXIT_ERROR, EXIT_USAGE, TriageError  # noqa: E402
 
 EPILOG = """\
 exit status: 0 healthy, or treated and verified; 1 error; 2 usage error;

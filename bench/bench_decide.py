@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.facts import IssueFact  # noqa: E402
-from engine.storage import atomic_write_json  # noqa: E402
+from engine.core.facts import IssueFact  # noqa: E402
+from engine.core.storage import atomic_write_json  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
 from rules.decide import decide  # noqa: E402
 from rules.policy import load_policy  # noqa: E402

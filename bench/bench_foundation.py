@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.storage import atomic_write_json  # noqa: E402
+from engine.core.storage import atomic_write_json  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.data import load_nih_dataset  # noqa: E402
 from model.densenet import arch_config, build_model  # noqa: E402

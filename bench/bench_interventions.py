@@ -45,9 +45,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.errors import InterventionError  # noqa: E402
-from engine.facts import IssueFact  # noqa: E402
-from engine.storage import atomic_write_json  # noqa: E402
+from engine.core.errors import InterventionError  # noqa: E402
+from engine.core.facts import IssueFact  # noqa: E402
+from engine.core.storage import atomic_write_json  # noqa: E402
 from interventions.attribution import (  # noqa: E402
     contributions, finite_or_none, head_logits, top_channels, truth_index,
 )

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benches import BENCHES, REPO, RESULTS, RESULTS_MD, Bench, display_path  # noqa: E402
-from engine.storage import atomic_write_text  # noqa: E402
+from engine.core.storage import atomic_write_text  # noqa: E402
 
 __all__ = ["MANIFEST", "PAPER_COMPRESSION", "PAPER_COST_MATRIX", "git_revision", "machine_info", "main", "render",
            "render_text"]

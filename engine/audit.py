@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import AuditError
-from engine.storage import canonical_json, sha256_bytes
+from engine.core.errors import AuditError
+from engine.core.storage import canonical_json, sha256_bytes
 
 __all__ = [
     "GENESIS_HASH",
@@ -399,7 +399,7 @@ class AuditStore:
 
     def export_jsonl(self, path: str | Path) -> Path:
         """Write every record (with its hashes) as one canonical JSON object per line, atomically."""
-        from engine.storage import atomic_write_bytes
+        from engine.core.storage import atomic_write_bytes
 
         lines = [canonical_json(rec.to_dict()) for rec in self.records()]
         return atomic_write_bytes(path, b"".join(line + b"\n" for line in lines))

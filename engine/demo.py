@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.storage import atomic_write_json, canonical_json, sha256_bytes, sha256_file
+from engine.core.storage import atomic_write_json, canonical_json, sha256_bytes, sha256_file
 
 __all__ = ["DemoConfig", "QUICK", "FULL", "Step", "run_step", "file_digest", "decision_code_digest"]
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from engine.audit import AuditStore, to_jsonable
-from engine.errors import EXIT_NEEDS_APPROVAL, EXIT_UNTREATED, DataError, InterventionError, PolicyError
-from engine.facts import IssueFact
-from engine.storage import atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes, sha256_file
+from engine.core.errors import EXIT_NEEDS_APPROVAL, EXIT_UNTREATED, DataError, InterventionError, PolicyError
+from engine.core.facts import IssueFact
+from engine.core.storage import atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes, sha256_file
 from engine.verify import (
     Acceptance,
     MonitorFn,

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import AuditError
-from engine.storage import atomic_write_text, sha256_file
+from engine.core.errors import AuditError
+from engine.core.storage import atomic_write_text, sha256_file
 
 __all__ = ["collect_run", "render_run_report", "render_run_html", "add_report_subcommand"]
 
@@ -597,7 +597,7 @@ def render_run_html(info: dict[str, Any]) -> str:
 
 
 def _actionable_kinds() -> tuple[str, ...]:
-    from engine.facts import ACTIONABLE_KINDS
+    from engine.core.facts import ACTIONABLE_KINDS
 
     return ACTIONABLE_KINDS
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from interventions.attribution import evidence_members
 from model.bundle import Bundle
 from model.data import NIHDataset
@@ -132,7 +132,7 @@ def treated_features(
         order = {name: i for i, name in enumerate(fs.image_names)}
         missing = [n for n in data.image_names if n not in order]
         if missing:
-            from engine.errors import InterventionError
+            from engine.core.errors import InterventionError
 
             raise InterventionError(f"treated model could not read {len(missing)} image(s), e.g. {missing[0]!r}")
         fs = fs.subset(np.array([order[n] for n in data.image_names]))

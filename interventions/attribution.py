@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.errors import InterventionError
+from engine.core.errors import InterventionError
 from model.bundle import Bundle
 from model.features import FeatureSet
 from model.labels import CHEXNET_LABELS

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import DataError, InterventionError
+from engine.core.errors import DataError, InterventionError
 from interventions.attribution import (
     choice_param, finite_or_none, float_param, int_param, output_index, resolve_params, truth_index,
 )

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from engine.errors import InterventionError
-from engine.facts import IssueFact
+from engine.core.errors import InterventionError
+from engine.core.facts import IssueFact
 from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engine.errors import BundleError, DataError, InterventionError
+from engine.core.errors import BundleError, DataError, InterventionError
 from interventions.base import Intervention, InterventionResult, TreatmentContext, register
 from model.compress import latest_plan, refit_to_parent
 from model.compressed import ARCH_NAME

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import DataError, InterventionError
+from engine.core.errors import DataError, InterventionError
 from interventions.attribution import choice_param, finite_or_none, float_param, int_param, resolve_params
 from interventions.base import Intervention, InterventionResult, TreatmentContext, register
 from model.bundle import Bundle, BundleMeta

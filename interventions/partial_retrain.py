@@ -34,7 +34,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
-from engine.errors import InterventionError
+from engine.core.errors import InterventionError
 from interventions.attribution import (
     check_features_match, choice_param, classifier_layer, evidence_members, float_param, head_logits, int_param,
     output_index,

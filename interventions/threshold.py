@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import InterventionError
+from engine.core.errors import InterventionError
 from interventions.base import Intervention, InterventionResult, TreatmentContext, register
 from model.labels import CHEXNET_LABELS
 from model.metrics import confusion_at, expected_calibration_error, sigmoid, youden_threshold

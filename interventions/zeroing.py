@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.errors import InterventionError
+from engine.core.errors import InterventionError
 from interventions.attribution import (
     check_features_match, classifier_layer, classifier_row, contributions, evidence_channels, evidence_members,
     choice_param, float_param, head_logits, int_param, logit_threshold, output_index, resolve_params, truth_index,

@@ -24,8 +24,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from engine.errors import BundleError
-from engine.storage import atomic_write_bytes, canonical_json, sha256_bytes
+from engine.core.errors import BundleError
+from engine.core.storage import atomic_write_bytes, canonical_json, sha256_bytes
 from model.densenet import arch_config, build_model
 from model.labels import CHEXNET_LABELS, XRV_LABELS
 

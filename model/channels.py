@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import DataError
+from engine.core.errors import DataError
 from model.labels import CHEXNET_LABELS, NO_FINDING
 
 __all__ = [

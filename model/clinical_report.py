@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import BundleError, DataError
-from engine.storage import atomic_write_json, atomic_write_text, sha256_bytes
+from engine.core.errors import BundleError, DataError
+from engine.core.storage import atomic_write_json, atomic_write_text, sha256_bytes
 from model.bundle import Bundle
 from model.channels import LabelStats, polarized_channels, shipped_label_stats
 from model.data import read_image

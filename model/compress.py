@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import BundleError, DataError
+from engine.core.errors import BundleError, DataError
 from model.bundle import Bundle, bundle_to_bytes
 from model.compressed import (
     ARCH_NAME,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import BundleError
+from engine.core.errors import BundleError
 from model.densenet import register_arch
 
 __all__ = [

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from engine.errors import DataError
-from engine.storage import canonical_json, sha256_bytes
+from engine.core.errors import DataError
+from engine.core.storage import canonical_json, sha256_bytes
 from model.labels import CHEXNET_LABELS, NO_FINDING, NUM_LABELS
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
-from engine.errors import BundleError
+from engine.core.errors import BundleError
 
 __all__ = [
     "ARCH_PRESETS",

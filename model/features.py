@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
-from engine.storage import atomic_write_bytes, sha256_bytes
+from engine.core.storage import atomic_write_bytes, sha256_bytes
 from model.bundle import Bundle, BundleMeta
 from model.data import NIHDataset, manifest_digest, read_images
 from model.densenet import pooled_features

@@ -43,8 +43,8 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from scipy import ndimage
 
-from engine.errors import DataError, TriageError
-from engine.storage import atomic_write_json
+from engine.core.errors import DataError, TriageError
+from engine.core.storage import atomic_write_json
 from model.bundle import TOOL_VERSION
 from model.data import MAX_IMAGE_PIXELS, SPLIT_FILES, NIHDataset, load_nih_dataset, safe_image_path
 from model.labels import CHEXNET_LABELS, NO_FINDING

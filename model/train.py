@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import DataError
+from engine.core.errors import DataError
 from model.bundle import Bundle, new_bundle
 from model.data import NIHDataset, patient_disjoint_split, read_images
 from model.densenet import arch_config, build_model

@@ -37,7 +37,7 @@ from typing import Any
 
 from durable import engine as durable_engine
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from rules.policy import NO_ACTION, Policy
 from rules.ruleset import build_ruleset, issue_record, ruleset_name
 

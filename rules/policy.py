@@ -41,10 +41,10 @@ from pydantic import (
     model_validator,
 )
 
-from engine.errors import PolicyError
-from engine.facts import ACTIONABLE_KINDS, FACT_KINDS
+from engine.core.errors import PolicyError
+from engine.core.facts import ACTIONABLE_KINDS, FACT_KINDS
 from engine.monitors.config import MonitorConfig
-from engine.storage import canonical_json, sha256_bytes
+from engine.core.storage import canonical_json, sha256_bytes
 from model.labels import CHEXNET_LABELS, XRV_LABELS
 
 __all__ = [

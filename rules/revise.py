@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import DataError
+from engine.core.errors import DataError
 from rules.policy import NO_ACTION, Policy, parse_policy
 
 __all__ = ["TIME_TIERS", "OUTCOMES", "CostRevision", "RevisedCosts", "revise_costs", "rewrite_costs"]

@@ -34,7 +34,7 @@ from typing import Any
 
 from durable.lang import m
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from rules.policy import Policy
 
 __all__ = [

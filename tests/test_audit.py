@@ -16,7 +16,7 @@ import pytest
 
 from cli import main
 from engine.audit import GENESIS_HASH, AuditStore, record_hash, to_jsonable
-from engine.errors import AuditError
+from engine.core.errors import AuditError
 from model.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_edit_and_rehash_breaks_the_next_link(tmp_path: Path) -> None:
         rec = store.records()[2].to_dict()
     rec["payload"] = {**rec["payload"], "value": 123.0}
     forged = record_hash(rec)
-    from engine.storage import canonical_json
+    from engine.core.storage import canonical_json
 
     _sql(path, "UPDATE records SET payload = ?, record_hash = ? WHERE seq = 3",
          params=(canonical_json(rec["payload"]).decode(), forged))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.errors import BundleError
+from engine.core.errors import BundleError
 from model.bundle import load_bundle, load_checkpoint, new_bundle, save_bundle
 from model.densenet import arch_config, build_model, chexnet_densenet121, count_parameters, tiny_densenet, xrv_densenet121
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cli import main
-from engine.errors import DataError
+from engine.core.errors import DataError
 from model.bundle import new_bundle, save_bundle
 from model.channels import (
     LabelStats,

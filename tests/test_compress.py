@@ -20,7 +20,7 @@ from torch import nn
 
 from cli import main
 from conftest import NIH_HEADER
-from engine.errors import BundleError, DataError
+from engine.core.errors import BundleError, DataError
 from model.bundle import Bundle, load_bundle, new_bundle, save_bundle
 from model.compress import (
     CompressSettings,

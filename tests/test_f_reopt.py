@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import InterventionError
-from engine.facts import IssueFact
+from engine.core.errors import InterventionError
+from engine.core.facts import IssueFact
 from interventions.base import TreatmentContext, get_intervention
 from model.bundle import Bundle
 from model.compress import CompressSettings, compress_bundle

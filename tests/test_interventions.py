@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import random_rows, write_nih_dataset
-from engine.errors import InterventionError
-from engine.facts import IssueFact
+from engine.core.errors import InterventionError
+from engine.core.facts import IssueFact
 from interventions.attribution import contributions, head_logits, top_channels
 from interventions.augmentation import draw_tube, intensity_jitter
 from interventions.base import TreatmentContext, get_intervention

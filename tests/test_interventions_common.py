@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from conftest import write_nih_dataset
-from engine.errors import InterventionError
-from engine.facts import ACTIONABLE_KINDS, FACT_KINDS, IssueFact
+from engine.core.errors import InterventionError
+from engine.core.facts import ACTIONABLE_KINDS, FACT_KINDS, IssueFact
 from interventions.attribution import head_logits
 from interventions.base import TreatmentContext, available_interventions, get_intervention
 from model.bundle import Bundle, load_bundle, save_bundle

@@ -21,8 +21,8 @@ from PIL import Image
 
 from cli import main
 from engine.audit import AuditStore
-from engine.errors import InterventionError
-from engine.facts import IssueFact
+from engine.core.errors import InterventionError
+from engine.core.facts import IssueFact
 from engine.loop import EXIT_UNTREATED, run_triage, sort_facts
 from engine.verify import Acceptance, verify_treatment
 from interventions import base as plugin_base
@@ -311,7 +311,7 @@ def test_failed_verification_rolls_back_and_escalates(world: World, tmp_path: Pa
     assert saved.meta.history[-1]["op"] == "set_threshold"
     assert decision["remaining_facts"] == []
     # Per-image verify scores for the report's ROC curves, named and hashed in both records.
-    from engine.storage import sha256_file
+    from engine.core.storage import sha256_file
 
     for attempt in (first, second):
         scores = attempt["verify"]["scores"]

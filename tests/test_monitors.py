@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.facts import FACT_KINDS, IssueFact
+from engine.core.facts import FACT_KINDS, IssueFact
 from engine.monitors import ALWAYS_RUN, MonitorConfig, MonitorContext, available_monitors, get_monitor, run_monitors
 from engine.monitors.base import bootstrap_counts, weighted_auroc, weighted_ece, weighted_youden_threshold
 from model.bundle import Bundle, new_bundle

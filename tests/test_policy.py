@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli import main
-from engine.errors import DataError, PolicyError
+from engine.core.errors import DataError, PolicyError
 from rules.policy import (
     DEFAULT_COSTS,
     AcceptanceConfig,

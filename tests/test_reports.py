@@ -16,9 +16,9 @@ from torch import nn
 
 from cli import main
 from engine.audit import AuditStore
-from engine.errors import BundleError, DataError
+from engine.core.errors import BundleError, DataError
 from engine.report_html import collect_run, render_run_report
-from engine.storage import atomic_write_json, sha256_file
+from engine.core.storage import atomic_write_json, sha256_file
 from model.bundle import new_bundle, save_bundle
 from model.clinical_report import build_report, render_report_html, write_report
 from model.densenet import arch_config, build_model

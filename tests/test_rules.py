@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from rules import ruleset
 from rules.decide import ESCALATE_RULE, Decision, RuleEngineError, decide
 from rules.policy import load_policy, parse_policy, policy_from_dict

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import InterventionError
-from engine.facts import IssueFact
+from engine.core.errors import InterventionError
+from engine.core.facts import IssueFact
 from interventions.base import TreatmentContext, available_interventions, get_intervention
 from interventions.threshold import fit_threshold, negatives_threshold
 from model.bundle import new_bundle

@@ -2,7 +2,7 @@
 
 ``register`` adds its subparser and sets ``func=run`` on it; ``run(args) -> int`` returns the exit
 status. ``cli.py`` stays thin: it builds the parser from :data:`COMMAND_MODULES`, dispatches, and
-maps :class:`engine.errors.TriageError` to exit status 1.
+maps :class:`engine.core.errors.TriageError` to exit status 1.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from rich.table import Table
 
 from engine.commands.common import load_model
 from engine.console import console, progress_task
-from engine.errors import BundleError, DataError
-from engine.storage import atomic_write_json
+from engine.core.errors import BundleError, DataError
+from engine.core.storage import atomic_write_json
 from model.channels import CATEGORIES, LabelStats, analyze_channels
 from model.clinical_report import check_bundle
 from model.data import load_nih_dataset

@@ -17,7 +17,7 @@ from rich.padding import Padding
 
 from engine.audit import AuditRecord, AuditStore
 from engine.console import console
-from engine.errors import EXIT_ERROR, EXIT_OK, AuditError
+from engine.core.errors import EXIT_ERROR, EXIT_OK, AuditError
 
 __all__ = ["register", "open_store", "resolve_run", "summarise"]
 
@@ -104,7 +104,7 @@ def run_verify(args: argparse.Namespace) -> int:
     with open_store(args.audit) as store:
         report = store.verify(expect_head=args.expect_head)
     if args.json:
-        from engine.storage import atomic_write_json
+        from engine.core.storage import atomic_write_json
 
         atomic_write_json(args.json, {"ok": report.ok, "n_records": report.n_records, "problems": report.problems,
                                       "head_seq": report.head_seq, "head_hash": report.head_hash})
@@ -190,7 +190,7 @@ def run_show(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     with open_store(args.audit) as store:
         if args.run:
-            from engine.storage import atomic_write_bytes, canonical_json
+            from engine.core.storage import atomic_write_bytes, canonical_json
 
             run_id = resolve_run(store, args.run)
             records = store.records(run_id)

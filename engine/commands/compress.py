@@ -11,8 +11,8 @@ from rich.table import Table
 
 from engine.commands.common import load_model, resolve_split
 from engine.console import console, progress_task
-from engine.errors import DataError
-from engine.storage import atomic_write_json
+from engine.core.errors import DataError
+from engine.core.storage import atomic_write_json
 from model.bundle import save_bundle
 from model.compress import CompressSettings, compress_bundle
 from model.data import SPLIT_FILES, load_nih_dataset, read_images

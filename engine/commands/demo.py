@@ -11,7 +11,7 @@ from rich.table import Table
 
 from engine.console import console, progress_task
 from engine.demo import FULL, QUICK, DemoConfig, Step, decision_code_digest, file_digest, run_step
-from engine.storage import atomic_write_json
+from engine.core.storage import atomic_write_json
 from model.inject import parse_fault
 
 
@@ -126,7 +126,7 @@ def _cli(argv: list[str]) -> int:
 
 
 def _checked(argv: list[str], ok: tuple[int, ...] = (0,)) -> int:
-    from engine.errors import TriageError
+    from engine.core.errors import TriageError
 
     code = _cli(argv)
     if code not in ok:

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from engine.commands.common import add_data_args, load_data, load_model
 from engine.console import console, progress_task
-from engine.storage import atomic_write_json
+from engine.core.storage import atomic_write_json
 from model.evaluate import evaluate_bundle
 
 

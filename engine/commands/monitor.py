@@ -17,10 +17,10 @@ from rich.table import Table
 
 from engine.commands.common import add_data_args, load_data, load_model
 from engine.console import console, err_console, progress_task
-from engine.errors import BundleError, PolicyError
-from engine.facts import IssueFact
+from engine.core.errors import BundleError, PolicyError
+from engine.core.facts import IssueFact
 from engine.monitors import MonitorConfig, MonitorContext, available_monitors, run_monitors
-from engine.storage import atomic_write_json
+from engine.core.storage import atomic_write_json
 from model.data import SPLIT_FILES, load_nih_dataset
 from model.features import extract_features
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from engine.console import console, progress_task
-from engine.errors import DataError
+from engine.core.errors import DataError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

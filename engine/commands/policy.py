@@ -12,9 +12,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from engine.console import console
-from engine.errors import DataError, PolicyError
-from engine.facts import ACTIONABLE_KINDS, IssueFact
-from engine.storage import atomic_write_text
+from engine.core.errors import DataError, PolicyError
+from engine.core.facts import ACTIONABLE_KINDS, IssueFact
+from engine.core.storage import atomic_write_text
 
 __all__ = ["register", "run", "explain_rows"]
 

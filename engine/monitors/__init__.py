@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from engine.monitors.base import (
     Monitor,
     MonitorContext,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from engine.monitors.base import (
     Monitor,
     MonitorContext,

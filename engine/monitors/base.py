@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engine.facts import FACT_KINDS, IssueFact
+from engine.core.facts import FACT_KINDS, IssueFact
 from engine.monitors.config import MonitorConfig
 from model.bundle import Bundle
 from model.features import FeatureSet

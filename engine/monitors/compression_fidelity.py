@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor, sample_ids
 from engine.monitors.config import MonitorConfig
 from model.metrics import sigmoid

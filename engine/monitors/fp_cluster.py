@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils.extmath import randomized_svd
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels, logit, register_monitor
 from engine.monitors.config import MonitorConfig
 from model.metrics import auroc

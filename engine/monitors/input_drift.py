@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor
 from engine.monitors.config import MonitorConfig
 

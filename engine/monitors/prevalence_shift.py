@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binomtest, chi2_contingency, fisher_exact
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor
 from engine.monitors.config import MonitorConfig
 from model.labels import CHEXNET_LABELS

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from scipy.stats import beta, fisher_exact
 
-from engine.facts import IssueFact
+from engine.core.facts import IssueFact
 from engine.monitors.base import (
     Monitor,
     MonitorContext,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.storage import canonical_json, sha256_bytes
+from engine.core.storage import canonical_json, sha256_bytes
 
 __all__ = ["FACT_KINDS", "ACTIONABLE_KINDS", "Severity", "IssueFact"]
 
