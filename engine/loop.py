@@ -198,7 +198,7 @@ def _label_restricted(config: Any, keep: Sequence[str], all_labels: Sequence[str
     label cannot change, so skipping them is exact (and a monitor that ignores the switch merely
     repeats its unchanged facts).
     """
-    from engine.monitors.config import MonitorConfig
+    from rules.policy.monitors import MonitorConfig
 
     sections = [name for name in type(config).model_fields if hasattr(getattr(config, name), "enabled")]
     data = config.model_dump()

@@ -39,7 +39,7 @@ from engine.monitors.base import (
     register_monitor,
     run_memo,
 )
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 
 # Registration order = report order.
 from engine.monitors import validity  # noqa: E402,F401  isort: skip

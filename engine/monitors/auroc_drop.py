@@ -28,7 +28,7 @@ from engine.monitors.base import (
     severity_for,
     weighted_auroc,
 )
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.metrics import auroc
 
 __all__ = ["AurocDropMonitor"]

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine.core.facts import FACT_KINDS, IssueFact
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.bundle import Bundle
 from model.features import FeatureSet
 from model.labels import CHEXNET_LABELS

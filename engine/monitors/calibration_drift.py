@@ -46,7 +46,7 @@ from engine.monitors.base import (
     weighted_ece,
     weighted_j_curve,
 )
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.metrics import auroc, calibration_slope_intercept, expected_calibration_error, sigmoid, youden_threshold
 
 __all__ = ["CalibrationDriftMonitor"]

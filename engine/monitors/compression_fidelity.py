@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.core.facts import IssueFact
 from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor, sample_ids
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.metrics import sigmoid
 
 __all__ = ["CompressionFidelityMonitor"]

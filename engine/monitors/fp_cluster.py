@@ -40,7 +40,7 @@ from sklearn.utils.extmath import randomized_svd
 
 from engine.core.facts import IssueFact
 from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels, logit, register_monitor
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.metrics import auroc
 
 __all__ = ["FpClusterMonitor", "lda_direction", "crossfit_scores", "fp_slice", "slice_pvalue", "channels_needed"]

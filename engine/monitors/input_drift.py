@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.core.facts import IssueFact
 from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 
 __all__ = ["InputDriftMonitor", "mmd_permutation_test"]
 

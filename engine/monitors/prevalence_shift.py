@@ -15,7 +15,7 @@ from scipy.stats import binomtest, chi2_contingency, fisher_exact
 
 from engine.core.facts import IssueFact
 from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.labels import CHEXNET_LABELS
 
 __all__ = ["PrevalenceShiftMonitor"]

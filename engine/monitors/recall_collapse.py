@@ -23,7 +23,7 @@ from engine.monitors.base import (
     register_monitor,
     sample_ids,
 )
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.metrics import auroc, confusion_at
 
 __all__ = ["RecallCollapseMonitor", "recall_upper_bound"]

@@ -27,7 +27,7 @@ from engine.monitors.base import (
     register_monitor,
     sample_ids,
 )
-from engine.monitors.config import MonitorConfig
+from rules.policy.monitors import MonitorConfig
 from model.labels import CHEXNET_LABELS
 
 __all__ = ["NEGATIVES_ONLY_SKIPPED", "ValidityMonitor"]

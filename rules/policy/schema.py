@@ -21,13 +21,10 @@ the file and the key path, pre-commit style::
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -43,9 +40,10 @@ from pydantic import (
 
 from engine.core.errors import PolicyError
 from engine.core.facts import ACTIONABLE_KINDS, FACT_KINDS
-from engine.monitors.config import MonitorConfig
 from engine.core.storage import canonical_json, sha256_bytes
+from engine.core.validation import LocatedError, deep_merge, format_validation_error, parse_yaml, validate_into
 from model.labels import CHEXNET_LABELS, XRV_LABELS
+from rules.policy.monitors import MonitorConfig
 
 __all__ = [
     "BUILTIN_INTERVENTIONS",
@@ -69,7 +67,6 @@ __all__ = [
     "load_policy",
     "parse_policy",
     "policy_from_dict",
-    "format_validation_error",
 ]
 
 #: Interventions shipped with the tool (plugins may add more through the registry).
@@ -180,14 +177,6 @@ Cost = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class _Located(ValueError):
-    """A validation problem found after the fields were parsed, with the key path it belongs to."""
-
-    def __init__(self, problems: Sequence[tuple[tuple[str | int, ...], str]]) -> None:
-        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
-        self.problems = list(problems)
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -279,11 +268,11 @@ class ThresholdParams(_Strict):
     @model_validator(mode="after")
     def _method_needs(self) -> "ThresholdParams":
         if self.method == "fixed_sensitivity" and self.target is None:
-            raise _Located([(("target",), "required when method is fixed_sensitivity (a sensitivity in (0, 1])")])
+            raise LocatedError([(("target",), "required when method is fixed_sensitivity (a sensitivity in (0, 1])")])
         if self.method == "cost_weighted":
             missing = [k for k in ("fn_cost", "fp_cost") if getattr(self, k) is None]
             if missing:
-                raise _Located([((k,), "required when method is cost_weighted (a positive number)")
+                raise LocatedError([((k,), "required when method is cost_weighted (a positive number)")
                                 for k in missing])
         return self
 
@@ -312,16 +301,6 @@ def _merge_defaults(defaults: Mapping[str, Any]):
         return value
 
     return merge
-
-
-def _deep_merge(base: Mapping[str, Any], change: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in change.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class Policy(_Strict):
@@ -370,7 +349,7 @@ class Policy(_Strict):
                     problems.append(((kind, i), f"{name!r} is listed twice"))
                 seen.add(name)
         if problems:
-            raise _Located(problems)
+            raise LocatedError(problems)
         return value
 
     @model_validator(mode="before")
@@ -407,7 +386,7 @@ class Policy(_Strict):
                                      f"intervention {name!r} has no expected time; add expected_time_s.{name}"))
         for name, p in self.params.items():
             if name == "threshold":
-                problems += _validate_into(ThresholdParams, p, ("params", "threshold"))
+                problems += validate_into(ThresholdParams, p, ("params", "threshold"))
         base_acceptance = self.acceptance.model_dump()
         base_conditions = self.conditions.model_dump()
         monitor_overrides = dict(self.monitors.overrides)
@@ -416,23 +395,23 @@ class Policy(_Strict):
             for name in override.costs:
                 if name not in self.costs:
                     problems.append((where + ("costs", name), f"intervention {name!r} has no policy-wide cost"))
-            acc = _validate_into(AcceptanceConfig, _deep_merge(base_acceptance, override.acceptance),
+            acc = validate_into(AcceptanceConfig, deep_merge(base_acceptance, override.acceptance),
                                  where + ("acceptance",))
             problems += acc
             if not acc:
                 self._label_acceptance[label] = AcceptanceConfig.model_validate(
-                    _deep_merge(base_acceptance, override.acceptance))
-            cond = _validate_into(ConditionsConfig, _deep_merge(base_conditions, override.conditions),
+                    deep_merge(base_acceptance, override.acceptance))
+            cond = validate_into(ConditionsConfig, deep_merge(base_conditions, override.conditions),
                                   where + ("conditions",))
             problems += cond
             if not cond:
                 self._label_conditions[label] = ConditionsConfig.model_validate(
-                    _deep_merge(base_conditions, override.conditions))
+                    deep_merge(base_conditions, override.conditions))
             merged_params = {k: dict(v) for k, v in self.params.items()}
             for name, change in override.params.items():
-                merged_params[name] = _deep_merge(merged_params.get(name, {}), change)
+                merged_params[name] = deep_merge(merged_params.get(name, {}), change)
                 if name == "threshold":
-                    problems += _validate_into(ThresholdParams, merged_params[name], where + ("params", "threshold"))
+                    problems += validate_into(ThresholdParams, merged_params[name], where + ("params", "threshold"))
             self._label_params[label] = merged_params
             if override.monitors:
                 if label in monitor_overrides:
@@ -441,12 +420,12 @@ class Policy(_Strict):
                     continue
                 base = self.monitors.model_dump()
                 base["overrides"] = {}
-                mon = _validate_into(MonitorConfig, _deep_merge(base, override.monitors), where + ("monitors",))
+                mon = validate_into(MonitorConfig, deep_merge(base, override.monitors), where + ("monitors",))
                 problems += mon
                 if not mon:
                     monitor_overrides[label] = dict(override.monitors)
         if problems:
-            raise _Located(problems)
+            raise LocatedError(problems)
         if monitor_overrides != self.monitors.overrides:
             data = self.monitors.model_dump()
             data["overrides"] = monitor_overrides
@@ -511,173 +490,6 @@ class Policy(_Strict):
         return params
 
 
-def _validate_into(model: type[BaseModel], data: Any, prefix: tuple[str | int, ...]) -> list[tuple[tuple, str]]:
-    """Validate ``data`` as ``model``; return its problems with key paths prefixed (empty when valid)."""
-    try:
-        model.model_validate(data)
-    except ValidationError as exc:
-        return [(prefix + loc, msg) for loc, msg in _problems(exc, model)]
-    return []
-
-
-# -- error formatting ---------------------------------------------------------------------------
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        return str(int(value))
-    if isinstance(value, (int, float)):
-        return f"{value:g}" if isinstance(value, float) else str(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _num(value: Any) -> str:
-    return _show(float(value)) if isinstance(value, (int, float)) else str(value)
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Strip Annotated/Optional so the model or dict type underneath can be walked."""
-    while True:
-        origin = get_origin(annotation)
-        if origin is Annotated:
-            annotation = get_args(annotation)[0]
-        elif origin in (Union, UnionType):
-            args = [a for a in get_args(annotation) if a is not type(None)]
-            if len(args) != 1:
-                return annotation
-            annotation = args[0]
-        else:
-            return annotation
-
-
-def _allowed_keys(root: type[BaseModel], loc: Sequence[str | int]) -> list[str] | None:
-    """The keys the mapping at ``loc`` accepts (for 'unknown key' messages), when it is a model."""
-    node: Any = root
-    for part in loc:
-        node = _unwrap(node)
-        if isinstance(node, type) and issubclass(node, BaseModel):
-            if part not in node.model_fields:
-                return None
-            node = node.model_fields[part].annotation
-        elif get_origin(node) is dict:
-            node = get_args(node)[1]
-        elif get_origin(node) is list:
-            node = get_args(node)[0]
-        else:
-            return None
-    node = _unwrap(node)
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        return list(node.model_fields)
-    return None
-
-
-def _message(err: Mapping[str, Any], root: type[BaseModel], loc: tuple) -> str:
-    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
-    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
-              "less_than": ("<", "lt")}
-    if kind in bounds:
-        op, key = bounds[kind]
-        what = "an integer" if isinstance(ctx[key], int) and not isinstance(ctx[key], bool) else "a number"
-        return f"must be {what} {op} {_num(ctx[key])}, got {_show(got)}"
-    if kind in ("float_type", "float_parsing", "finite_number"):
-        return f"must be a number, got {_show(got)}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"must be an integer, got {_show(got)}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"must be true or false, got {_show(got)}"
-    if kind == "string_type":
-        return f"must be a string, got {_show(got)}"
-    if kind == "string_too_short":
-        return "must not be empty"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"must be a mapping, got {_show(got)}"
-    if kind == "list_type":
-        return f"must be a list, got {_show(got)}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}, got {_show(got)}"
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(root, loc[:-1])
-        hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
-        return f"unknown key{hint}"
-    if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    return f"{err['msg']}, got {_show(got)}"
-
-
-def _problems(exc: ValidationError, root: type[BaseModel]) -> list[tuple[tuple, str]]:
-    out: list[tuple[tuple, str]] = []
-    for err in exc.errors():
-        loc = tuple(part for part in err["loc"] if part != "[key]")
-        # Union branches add the branch type to the path ('float', 'int' ...); drop those.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("float", "int", "str", "bool", "none")))
-        error = (err.get("ctx") or {}).get("error")
-        if isinstance(error, _Located):
-            out += [(loc + sub, msg) for sub, msg in error.problems]
-        else:
-            out.append((loc, _message(err, root, loc)))
-    return out
-
-
-def _format_loc(loc: Sequence[str | int]) -> str:
-    return " ".join(f"==> At index {p}" if isinstance(p, int) else f"==> At key: {p}" for p in loc)
-
-
-def format_validation_error(exc: ValidationError, source: str, root: type[BaseModel] = None) -> str:
-    """pre-commit style lines: ``FILE: ==> At key: a ==> At key: b: what was expected, got what``."""
-    lines = []
-    for loc, msg in _problems(exc, root or Policy):
-        where = _format_loc(loc)
-        lines.append(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
-    return "\n".join(dict.fromkeys(lines))
-
-
-# -- loading ------------------------------------------------------------------------------------
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, "unhashable key", key_node.start_mark) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
-                key_node.start_mark)
-        seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "malformed YAML"
-        raise PolicyError(f"{source}: invalid YAML{where}: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: invalid YAML: {exc}") from None
-
-
 def policy_from_dict(data: Any, source: str = "<policy>") -> Policy:
     """Validate a mapping (as read from YAML) into a :class:`Policy`; errors name ``source`` and the key path."""
     if not isinstance(data, Mapping):
@@ -689,12 +501,12 @@ def policy_from_dict(data: Any, source: str = "<policy>") -> Policy:
     try:
         return Policy.model_validate(dict(data))
     except ValidationError as exc:
-        raise PolicyError(format_validation_error(exc, source)) from None
+        raise PolicyError(format_validation_error(exc, source, Policy)) from None
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Parse YAML text into a validated :class:`Policy`."""
-    return policy_from_dict(_parse_yaml(text, source), source)
+    return policy_from_dict(parse_yaml(text, source), source)
 
 
 def load_policy(path: str | Path) -> Policy:

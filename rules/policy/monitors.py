@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from engine.core.validation import deep_merge
 from model.labels import CHEXNET_LABELS, XRV_LABELS
 
 __all__ = [
@@ -165,7 +166,7 @@ class MonitorConfig(BaseModel):
             if "overrides" in change:
                 raise ValueError(f"overrides.{label}: nested 'overrides' are not allowed")
             try:
-                merged = MonitorConfig.model_validate(_deep_merge(self._base_dump(), change))
+                merged = MonitorConfig.model_validate(deep_merge(self._base_dump(), change))
             except ValidationError as exc:
                 problems = "; ".join(
                     f"overrides.{label}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in exc.errors()
@@ -191,13 +192,3 @@ class MonitorConfig(BaseModel):
         for part in dotted.split("."):
             node = getattr(node, part)
         return node
-
-
-def _deep_merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
