@@ -7,6 +7,7 @@ returns NaN there instead of raising: "cannot assess" is a result, not a crash.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn.metrics import average_precision_score, roc_curve
 
 __all__ = [
     "sigmoid",
+    "logit",
     "auroc",
     "auroc_bootstrap_ci",
     "auprc",
@@ -177,3 +179,10 @@ def per_label_metrics(
         row.update(confusion_at(y, probs[:, k], float(thresholds[k])))
         out[name] = {key: (None if isinstance(v, float) and not np.isfinite(v) else v) for key, v in row.items()}
     return out
+
+
+def logit(p: float) -> float:
+    """The inverse of :func:`sigmoid` for one probability, clamped to [1e-12, 1 - 1e-12] so that a
+    probability of exactly 0 or 1 (a saturated output, a threshold at the edge) stays finite."""
+    p = min(max(float(p), 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))

@@ -123,6 +123,8 @@ def _scenarios(world) -> dict[str, MonitorContext]:
     nan[11, :] = np.inf
     no_pos_y = clean.labels.copy()
     no_pos_y[:, 0] = 0
+    scrambled = clean.logits.copy()
+    scrambled[:, 2] = np.random.default_rng(24).permutation(scrambled[:, 2])
     return {
         "clean": MonitorContext(bundle, clean, parent=bundle, parent_data=clean, reference_features=ref_f),
         "shifted": MonitorContext(bundle, clean.with_logits(clean.logits + 1.5), parent=bundle, parent_data=clean,
@@ -135,6 +137,10 @@ def _scenarios(world) -> dict[str, MonitorContext]:
                                   reference_features=ref_f),
         "zero_rows": MonitorContext(bundle, clean.subset(np.array([], dtype=int)), reference_features=ref_f),
         "planted": MonitorContext(bundle, _featureset(d, y, _plant(d, y, f, 0.4, seed=5)[0])),
+        # every score lowered: the operating point no longer finds the positives
+        "lowered": MonitorContext(bundle, clean.with_logits(clean.logits - 3.0)),
+        # one label's scores shuffled across images: its ranking is gone
+        "scrambled": MonitorContext(bundle, clean.with_logits(scrambled)),
     }
 
 
@@ -148,7 +154,8 @@ def _plant(d: dict, y: np.ndarray, f: np.ndarray, share_of_negatives: float, see
     return out, rows
 
 
-SCENARIOS = ("clean", "shifted", "nan_rows", "all_nan", "no_positives", "one_row", "zero_rows", "planted")
+SCENARIOS = ("clean", "shifted", "nan_rows", "all_nan", "no_positives", "one_row", "zero_rows", "planted", "lowered",
+             "scrambled")
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +203,40 @@ def test_monitor_common_invariants(name: str, scenario: str, scenarios) -> None:
     # deterministic
     again = monitor.run(ctx, config)
     assert [f.model_dump() for f in facts] == [f.model_dump() for f in again]
+
+
+#: Each monitor's own fault, and the fact it must raise there: without it the invariants above could
+#: pass vacuously for a monitor that never emits anything.
+OWN_FAULT = {
+    "validity": ("nan_rows", "invalid_output", None),
+    "calibration_drift": ("shifted", "calibration_drift", "Effusion"),
+    "fp_cluster": ("planted", "fp_cluster", "Pneumothorax"),
+    "recall_collapse": ("lowered", "recall_collapse", "Effusion"),
+    "auroc_drop": ("scrambled", "auroc_drop", "Effusion"),
+    "compression_fidelity": ("shifted", "compression_fidelity", None),
+    "prevalence_shift": ("no_positives", "prevalence_shift", "Atelectasis"),
+    "input_drift": ("shifted", "input_drift", None),
+}
+
+
+def test_every_monitor_has_its_own_fault() -> None:
+    assert set(OWN_FAULT) == set(available_monitors())
+    for name, (scenario, kind, _) in OWN_FAULT.items():
+        assert scenario in SCENARIOS and kind in get_monitor(name).kinds, name
+
+
+@pytest.mark.parametrize("name", available_monitors())
+def test_monitor_fires_on_its_own_fault(name: str, scenarios) -> None:
+    scenario, kind, label = OWN_FAULT[name]
+    facts = _of(get_monitor(name).run(scenarios[scenario], MonitorConfig()), kind)
+    assert facts, f"{name} raised no {kind} on the {scenario!r} scenario"
+    assert label in {f.label for f in facts}
+
+
+def test_declared_kinds_are_fact_kinds() -> None:
+    """What the removed registration-time check enforced: a monitor declares only real fact kinds."""
+    for name in available_monitors():
+        assert get_monitor(name).kinds and set(get_monitor(name).kinds) <= set(FACT_KINDS), name
 
 
 @pytest.mark.parametrize("name", [n for n in available_monitors() if get_monitor(n).section])

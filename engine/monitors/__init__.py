@@ -1,6 +1,6 @@
 """Diagnostic monitors: labelled audit data in, typed issue facts out.
 
-One module per monitor, one registry (registry order is report order)::
+One module per monitor, one explicit table (:data:`MONITORS`; its order is report order)::
 
     from engine.monitors import MonitorConfig, MonitorContext, run_monitors
     facts = run_monitors(MonitorContext(bundle, feature_set), MonitorConfig())
@@ -31,36 +31,55 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.core.facts import IssueFact
-from engine.monitors.base import (
-    Monitor,
-    MonitorContext,
-    available_monitors,
-    get_monitor,
-    register_monitor,
-    run_memo,
-)
+from engine.monitors.auroc_drop import AurocDropMonitor
+from engine.monitors.base import Monitor, MonitorContext, run_memo
+from engine.monitors.calibration_drift import CalibrationDriftMonitor
+from engine.monitors.compression_fidelity import CompressionFidelityMonitor
+from engine.monitors.fp_cluster import FpClusterMonitor
+from engine.monitors.input_drift import InputDriftMonitor
+from engine.monitors.prevalence_shift import PrevalenceShiftMonitor
+from engine.monitors.recall_collapse import RecallCollapseMonitor
+from engine.monitors.validity import ValidityMonitor
 from rules.policy.monitors import MonitorConfig
-
-# Registration order = report order.
-from engine.monitors import validity  # noqa: E402,F401  isort: skip
-from engine.monitors import calibration_drift  # noqa: E402,F401  isort: skip
-from engine.monitors import fp_cluster  # noqa: E402,F401  isort: skip
-from engine.monitors import recall_collapse  # noqa: E402,F401  isort: skip
-from engine.monitors import auroc_drop  # noqa: E402,F401  isort: skip
-from engine.monitors import compression_fidelity  # noqa: E402,F401  isort: skip
-from engine.monitors import prevalence_shift  # noqa: E402,F401  isort: skip
-from engine.monitors import input_drift  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Monitor",
     "MonitorConfig",
     "MonitorContext",
-    "register_monitor",
+    "MONITORS",
     "get_monitor",
     "available_monitors",
     "run_monitors",
     "ALWAYS_RUN",
 ]
+
+#: Every monitor by name. Table order is report order (validity first: the others are conditional
+#: on it). An explicit table rather than registration by import, so what runs is read here.
+MONITORS: dict[str, type[Monitor]] = {
+    cls.name: cls
+    for cls in (
+        ValidityMonitor,
+        CalibrationDriftMonitor,
+        FpClusterMonitor,
+        RecallCollapseMonitor,
+        AurocDropMonitor,
+        CompressionFidelityMonitor,
+        PrevalenceShiftMonitor,
+        InputDriftMonitor,
+    )
+}
+
+
+def get_monitor(name: str) -> Monitor:
+    try:
+        return MONITORS[name]()
+    except KeyError:
+        raise KeyError(f"Unknown monitor {name!r}; expected one of {', '.join(MONITORS)}") from None
+
+
+def available_monitors() -> tuple[str, ...]:
+    return tuple(MONITORS)
+
 
 #: Monitors that run whatever ``names`` says: the others' results are conditional on them.
 ALWAYS_RUN = ("validity",)

@@ -24,19 +24,17 @@ from engine.monitors.base import (
     bootstrap_counts,
     comparable,
     iter_labels,
-    register_monitor,
     severity_for,
     weighted_auroc,
 )
-from rules.policy.monitors import MonitorConfig
 from model.metrics import auroc
+from rules.policy.monitors import MonitorConfig
 
 __all__ = ["AurocDropMonitor"]
 
 _SECTION = "auroc_drop"
 
 
-@register_monitor
 class AurocDropMonitor(Monitor):
     name = "auroc_drop"
     kinds = ("auroc_drop",)

@@ -23,20 +23,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engine.core.facts import FACT_KINDS, IssueFact
-from rules.policy.monitors import MonitorConfig
+from engine.core.facts import IssueFact
 from model.bundle import Bundle
 from model.features import FeatureSet
 from model.labels import CHEXNET_LABELS
 from model.metrics import sigmoid
+from rules.policy.monitors import MonitorConfig
 
 __all__ = [
     "MonitorContext",
     "Monitor",
     "LabelData",
-    "register_monitor",
-    "get_monitor",
-    "available_monitors",
     "finite_rows",
     "run_memo",
     "label_gate",
@@ -47,8 +44,7 @@ __all__ = [
     "clean_dict",
     "severity_for",
     "sample_ids",
-    "logit",
-    "auroc_se",
+        "auroc_se",
     "bootstrap_counts",
     "weighted_auroc",
     "weighted_j_curve",
@@ -120,33 +116,6 @@ class Monitor(ABC):
         if "evidence" in fields:
             fields["evidence"] = clean_value(fields["evidence"])
         return IssueFact(kind=kind, monitor=self.name, **fields)
-
-
-_REGISTRY: dict[str, type[Monitor]] = {}
-
-
-def register_monitor(cls: type[Monitor]) -> type[Monitor]:
-    """Class decorator: add a monitor to the registry (registry order is report order)."""
-    if not getattr(cls, "name", None):
-        raise TypeError(f"{cls.__name__} must set a 'name' class attribute")
-    unknown = [k for k in cls.kinds if k not in FACT_KINDS]
-    if unknown:
-        raise TypeError(f"{cls.__name__}.kinds has unknown fact kind(s) {unknown}; expected from {FACT_KINDS}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a monitor named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_monitor(name: str) -> Monitor:
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise KeyError(f"Unknown monitor {name!r}; expected one of {', '.join(_REGISTRY)}") from None
-
-
-def available_monitors() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,11 +288,6 @@ def auroc_se(a: float, n_pos: int, n_neg: int) -> float:
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
     var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
     return math.sqrt(max(var, 0.0))
-
-
-def logit(p: float) -> float:
-    p = min(max(float(p), 1e-12), 1 - 1e-12)
-    return math.log(p / (1 - p))
 
 
 def sample_ids(names: Sequence[str], rows: np.ndarray, limit: int) -> list[str]:

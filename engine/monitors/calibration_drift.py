@@ -40,14 +40,19 @@ from engine.monitors.base import (
     comparable,
     iter_labels,
     j_at,
-    logit,
-    register_monitor,
     severity_for,
     weighted_ece,
     weighted_j_curve,
 )
+from model.metrics import (
+    auroc,
+    calibration_slope_intercept,
+    expected_calibration_error,
+    logit,
+    sigmoid,
+    youden_threshold,
+)
 from rules.policy.monitors import MonitorConfig
-from model.metrics import auroc, calibration_slope_intercept, expected_calibration_error, sigmoid, youden_threshold
 
 __all__ = ["CalibrationDriftMonitor"]
 
@@ -62,7 +67,6 @@ def _prevalence_weights(y: np.ndarray, reference_prevalence: float | None) -> np
     return np.where(y == 1, reference_prevalence / prev, (1 - reference_prevalence) / (1 - prev))
 
 
-@register_monitor
 class CalibrationDriftMonitor(Monitor):
     name = "calibration_drift"
     kinds = ("calibration_drift",)

@@ -10,16 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from engine.core.facts import IssueFact
-from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor, sample_ids
-from rules.policy.monitors import MonitorConfig
+from engine.monitors.base import Monitor, MonitorContext, finite_rows, sample_ids
 from model.metrics import sigmoid
+from rules.policy.monitors import MonitorConfig
 
 __all__ = ["CompressionFidelityMonitor"]
 
 _SECTION = "compression_fidelity"
 
 
-@register_monitor
 class CompressionFidelityMonitor(Monitor):
     name = "compression_fidelity"
     kinds = ("compression_fidelity", "cannot_assess")

@@ -39,9 +39,9 @@ import numpy as np
 from sklearn.utils.extmath import randomized_svd
 
 from engine.core.facts import IssueFact
-from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels, logit, register_monitor
+from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels
+from model.metrics import auroc, logit
 from rules.policy.monitors import MonitorConfig
-from model.metrics import auroc
 
 __all__ = ["FpClusterMonitor", "lda_direction", "crossfit_scores", "fp_slice", "slice_pvalue", "channels_needed"]
 
@@ -145,7 +145,6 @@ def _pca_scores(feats: np.ndarray, rows: np.ndarray, n_components: int, seed: in
     return (np.asarray(block, dtype=np.float32) @ proj).astype(np.float64) - offset
 
 
-@register_monitor
 class FpClusterMonitor(Monitor):
     name = "fp_cluster"
     kinds = ("fp_cluster", "cannot_assess")

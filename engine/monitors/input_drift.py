@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.core.facts import IssueFact
-from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor
+from engine.monitors.base import Monitor, MonitorContext, finite_rows
 from rules.policy.monitors import MonitorConfig
 
 __all__ = ["InputDriftMonitor", "mmd_permutation_test"]
@@ -47,7 +47,6 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, n_permutations: int, seed
     return float(mmd[0]), float(pvalue)
 
 
-@register_monitor
 class InputDriftMonitor(Monitor):
     name = "input_drift"
     kinds = ("input_drift", "cannot_assess")

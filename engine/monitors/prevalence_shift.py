@@ -14,16 +14,15 @@ import numpy as np
 from scipy.stats import binomtest, chi2_contingency, fisher_exact
 
 from engine.core.facts import IssueFact
-from engine.monitors.base import Monitor, MonitorContext, finite_rows, register_monitor
-from rules.policy.monitors import MonitorConfig
+from engine.monitors.base import Monitor, MonitorContext, finite_rows
 from model.labels import CHEXNET_LABELS
+from rules.policy.monitors import MonitorConfig
 
 __all__ = ["PrevalenceShiftMonitor"]
 
 _SECTION = "prevalence_shift"
 
 
-@register_monitor
 class PrevalenceShiftMonitor(Monitor):
     name = "prevalence_shift"
     kinds = ("prevalence_shift",)

@@ -20,11 +20,10 @@ from engine.monitors.base import (
     MonitorContext,
     comparable,
     iter_labels,
-    register_monitor,
     sample_ids,
 )
-from rules.policy.monitors import MonitorConfig
 from model.metrics import auroc, confusion_at
+from rules.policy.monitors import MonitorConfig
 
 __all__ = ["RecallCollapseMonitor", "recall_upper_bound"]
 
@@ -38,7 +37,6 @@ def recall_upper_bound(tp: int, positives: int, alpha: float) -> float:
     return float(beta.ppf(1 - alpha, tp + 1, positives - tp))
 
 
-@register_monitor
 class RecallCollapseMonitor(Monitor):
     name = "recall_collapse"
     kinds = ("recall_collapse",)

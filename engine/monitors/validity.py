@@ -21,14 +21,13 @@ from engine.core.facts import IssueFact
 from engine.monitors.base import (
     Monitor,
     MonitorContext,
+    comparison_problem,
     finite_rows,
     label_gate,
-    comparison_problem,
-    register_monitor,
     sample_ids,
 )
-from rules.policy.monitors import MonitorConfig
 from model.labels import CHEXNET_LABELS
+from rules.policy.monitors import MonitorConfig
 
 __all__ = ["NEGATIVES_ONLY_SKIPPED", "ValidityMonitor"]
 
@@ -38,7 +37,6 @@ NEGATIVES_ONLY_SKIPPED = ["recall_collapse", "auroc_drop", "fp_cluster",
                           "calibration_drift.ece", "calibration_drift.operating_point"]
 
 
-@register_monitor
 class ValidityMonitor(Monitor):
     """``invalid_output`` for rows with NaN/inf logits or features; ``cannot_assess`` per skipped label."""
 
