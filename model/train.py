@@ -90,45 +90,17 @@ def fit_model(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = bundle.model.to(device)
-    params = [p for name, p in model.named_parameters() if trainable is None or trainable(name)]
-    frozen = {name for name, _ in model.named_parameters() if trainable is not None and not trainable(name)}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
+    params, frozen = _select_trainable(model, trainable)
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs * steps_per_epoch))
-    aug = augment_batch if augment is True else (augment or None)
-    y_all = torch.from_numpy(labels.astype(np.float32))
+    epoch_run = _EpochRunner(bundle, images, torch.from_numpy(labels.astype(np.float32)), batch_size,
+                             augment_batch if augment is True else (augment or None), generator, device,
+                             optimiser, scheduler, frozen, progress, epochs * steps_per_epoch)
     history: list[dict[str, float]] = []
     best_state, best_score, since_best = None, -math.inf, 0
-    total_steps = epochs * steps_per_epoch
-    step = 0
     for epoch in range(epochs):
-        model.train()
-        if frozen:  # keep frozen BatchNorms in eval mode so their running statistics stay put
-            for name, module in model.named_modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in frozen:
-                    module.eval()
-        order = torch.randperm(len(images), generator=generator).numpy()
-        running = 0.0
-        for start in range(0, len(images), batch_size):
-            idx = order[start : start + batch_size]
-            if len(idx) == 1 and len(images) > 1:
-                continue  # BatchNorm cannot train on one image with 1x1 maps; it is seen next epoch
-            x = to_model_input(images[idx], bundle.meta)
-            if aug is not None:
-                x = aug(x, generator)
-            logits = model(x.to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, y_all[idx].to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            running += loss.item() * len(idx)
-            step += 1
-            if progress is not None:
-                progress(step, total_steps)
-        train_loss = running / len(images)
+        train_loss = epoch_run()
         score = float("nan")
         if val_images is not None and val_labels is not None and len(val_images):
             _, val_logits = compute_features(bundle, val_images)
@@ -151,6 +123,59 @@ def fit_model(
     model.to("cpu").eval()
     return {"epochs_run": len(history), "history": history, "best_epoch": int(np.argmax([
         h["val_mean_auroc"] if not math.isnan(h["val_mean_auroc"]) else -h["train_loss"] for h in history])) + 1}
+
+
+def _select_trainable(model: nn.Module, trainable: Callable[[str], bool] | None) -> tuple[list[nn.Parameter], set[str]]:
+    """(parameters to update, names of the frozen ones); frozen parameters stop asking for gradients."""
+    params = [p for name, p in model.named_parameters() if trainable is None or trainable(name)]
+    frozen = {name for name, _ in model.named_parameters() if trainable is not None and not trainable(name)}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return params, frozen
+
+
+class _EpochRunner:
+    """One pass over the training images in a seeded random order; returns the mean training loss.
+
+    Holds what every epoch shares (optimiser, scheduler, generator, the step count for progress), so
+    that :func:`fit_model` reads as the early-stopping loop it is.
+    """
+
+    def __init__(self, bundle: Bundle, images: np.ndarray, y_all: torch.Tensor, batch_size: int,
+                 aug: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None, generator: torch.Generator,
+                 device: str, optimiser: torch.optim.Optimizer, scheduler, frozen: set[str],
+                 progress: Progress | None, total_steps: int) -> None:
+        self.bundle, self.images, self.y_all, self.batch_size, self.aug = bundle, images, y_all, batch_size, aug
+        self.generator, self.device, self.optimiser, self.scheduler = generator, device, optimiser, scheduler
+        self.frozen, self.progress, self.total_steps, self.step = frozen, progress, total_steps, 0
+
+    def __call__(self) -> float:
+        model, images = self.bundle.model, self.images
+        model.train()
+        if self.frozen:  # keep frozen BatchNorms in eval mode so their running statistics stay put
+            for name, module in model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in self.frozen:
+                    module.eval()
+        order = torch.randperm(len(images), generator=self.generator).numpy()
+        running = 0.0
+        for start in range(0, len(images), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if len(idx) == 1 and len(images) > 1:
+                continue  # BatchNorm cannot train on one image with 1x1 maps; it is seen next epoch
+            x = to_model_input(images[idx], self.bundle.meta)
+            if self.aug is not None:
+                x = self.aug(x, self.generator)
+            logits = model(x.to(self.device))
+            loss = F.binary_cross_entropy_with_logits(logits, self.y_all[idx].to(self.device))
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimiser.step()
+            self.scheduler.step()
+            running += loss.item() * len(idx)
+            self.step += 1
+            if self.progress is not None:
+                self.progress(self.step, self.total_steps)
+        return running / len(images)
 
 
 def reference_from_holdout(bundle: Bundle, labels: np.ndarray, logits: np.ndarray) -> Bundle:

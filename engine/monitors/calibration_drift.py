@@ -28,6 +28,8 @@ the rules allow "threshold only" treatments only while ranking is intact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from scipy.stats import norm
 
@@ -155,71 +157,82 @@ class CalibrationDriftMonitor(Monitor):
 
     def _check(self, lab: LabelData, config: MonitorConfig, resamples, family: int) -> IssueFact | None:
         cfg = config.calibration_drift
-        ref = lab.reference
         y, p = lab.y, lab.probs
-        ece = expected_calibration_error(y, p, n_bins=cfg.n_bins)
         auc = auroc(y, p)
         youden = youden_threshold(y, p)
-        deployed = lab.threshold
-        ref_ece, ref_auc = ref.get("ece"), ref.get("auroc")
+        ref_auc = lab.reference.get("auroc")
         # "Ranking intact" needs AUROCs worth comparing (enough positives on both sides); else False.
         reliable = comparable(lab, config)
         auroc_intact = bool(reliable and ref_auc is not None and np.isfinite(auc) and auc >= cfg.min_auroc_ratio * ref_auc)
-        shift = youden - deployed
-
-        fired: dict[str, float] = {}
-        excess: list[tuple[float, float]] = []
-        measured: dict[str, object] = {}
-        counts = None
         z = float(norm.ppf(1 - cfg.alpha / max(family, 1)))  # one-sided, family-wise over the labels assessed
-        # ECE at the reference's class balance (label-shift importance weights), so that a test split
-        # that merely holds more or fewer positives than the small reference part does not count.
+        found = _Findings(_SharedResamples(resamples, cfg.n_boot))
+        ece_adj = self._ece_test(lab, cfg, z, found)
+        if auroc_intact and abs(youden - lab.threshold) >= cfg.threshold_shift:
+            self._operating_point_test(lab, cfg, z, found)
+        disp = self._displacement(lab, cfg)
+        if disp is not None:
+            found.measured.update(disp)
+            if abs(disp["threshold_displacement_sd"]) >= cfg.max_threshold_displacement:
+                found.fire({f"{_SECTION}.max_threshold_displacement": cfg.max_threshold_displacement},
+                           abs(disp["threshold_displacement_sd"]), cfg.max_threshold_displacement)
+        if not found.fired:
+            return None
+        return self._drift_fact(lab, config, found, ece_adj=ece_adj, auc=auc, youden=youden,
+                                auroc_intact=auroc_intact, reliable=reliable)
+
+    @staticmethod
+    def _ece_test(lab: LabelData, cfg, z: float, found: "_Findings") -> float:
+        """ECE at the reference's class balance (label-shift importance weights), so that a test split
+        that merely holds more or fewer positives than the small reference part does not count; fires
+        when its bias-corrected increase clears the policy's step by the bootstrap margin."""
+        y, p, ref = lab.y, lab.probs, lab.reference
+        ref_ece = ref.get("ece")
         w = _prevalence_weights(y, ref.get("prevalence"))
         ece_adj = float(weighted_ece(y, p, np.ones((1, len(y)), dtype=np.float32), cfg.n_bins, w)[0])
-        measured["ece_at_reference_prevalence"] = ece_adj
+        found.measured["ece_at_reference_prevalence"] = ece_adj
         if ref_ece is not None and ece_adj - ref_ece >= cfg.ece_increase:
-            counts = resamples(cfg.n_boot)
-            boot = weighted_ece(y, p, counts, cfg.n_bins, w)
+            boot = weighted_ece(y, p, found.resamples(), cfg.n_bins, w)
             se = float(boot.std(ddof=1))
             # the reference ECE is noisy too: same spread, scaled to its sample size
             ref_n = ref.get("n")
             se_ref = se * float(np.sqrt(len(y) / ref_n)) if ref_n else 0.0
             ece_bc = float(2 * ece_adj - boot.mean())  # ECE is biased upwards; bootstrap bias correction
             margin = z * float(np.hypot(se, se_ref))
-            measured.update(ece_bias_corrected=ece_bc, ece_margin=margin)
+            found.measured.update(ece_bias_corrected=ece_bc, ece_margin=margin)
             if ece_bc - ref_ece - cfg.ece_increase >= margin:
-                fired[f"{_SECTION}.ece_increase"] = cfg.ece_increase
-                excess.append((ece_adj - ref_ece, cfg.ece_increase))
-        if auroc_intact and abs(shift) >= cfg.threshold_shift:
-            values, j_point = weighted_j_curve(y, p, np.ones((1, len(y)), dtype=np.float32))
-            j_loss = float(np.nanmax(j_point[0]) - j_at(values, j_point, deployed)[0])
-            measured["j_loss"] = j_loss
-            if j_loss >= cfg.min_j_loss:
-                if counts is None:
-                    counts = resamples(cfg.n_boot)
-                _, j_boot = weighted_j_curve(y, p, counts)
-                j_boot = j_boot[np.isfinite(j_boot).all(axis=1)]  # resamples with both classes
-                loss_boot = j_boot.max(axis=1) - j_at(values, j_boot, deployed)
-                # bootstrap bias correction: the best threshold's J is optimistic on the data it was chosen on
-                j_loss_lower = (float(2 * j_loss - loss_boot.mean() - z * loss_boot.std(ddof=1))
-                                if len(loss_boot) > 1 else float("nan"))
-                measured["j_loss_lower"] = j_loss_lower
-                if j_loss_lower >= cfg.min_j_loss:
-                    fired[f"{_SECTION}.threshold_shift"] = cfg.threshold_shift
-                    fired[f"{_SECTION}.min_j_loss"] = cfg.min_j_loss
-                    fired[f"{_SECTION}.min_auroc_ratio"] = cfg.min_auroc_ratio
-                    excess.append((j_loss, cfg.min_j_loss))
-        disp = self._displacement(lab, cfg)
-        if disp is not None:
-            measured.update(disp)
-            if abs(disp["threshold_displacement_sd"]) >= cfg.max_threshold_displacement:
-                fired[f"{_SECTION}.max_threshold_displacement"] = cfg.max_threshold_displacement
-                excess.append((abs(disp["threshold_displacement_sd"]), cfg.max_threshold_displacement))
-        if not fired:
-            return None
+                found.fire({f"{_SECTION}.ece_increase": cfg.ece_increase}, ece_adj - ref_ece, cfg.ece_increase)
+        return ece_adj
 
+    @staticmethod
+    def _operating_point_test(lab: LabelData, cfg, z: float, found: "_Findings") -> None:
+        """The deployed threshold lost Youden J against the best one, by more than the bootstrap says
+        chance would (the best threshold's J is optimistic on the data it was chosen on)."""
+        y, p, deployed = lab.y, lab.probs, lab.threshold
+        values, j_point = weighted_j_curve(y, p, np.ones((1, len(y)), dtype=np.float32))
+        j_loss = float(np.nanmax(j_point[0]) - j_at(values, j_point, deployed)[0])
+        found.measured["j_loss"] = j_loss
+        if j_loss < cfg.min_j_loss:
+            return
+        _, j_boot = weighted_j_curve(y, p, found.resamples())
+        j_boot = j_boot[np.isfinite(j_boot).all(axis=1)]  # resamples with both classes
+        loss_boot = j_boot.max(axis=1) - j_at(values, j_boot, deployed)
+        # bootstrap bias correction: the best threshold's J is optimistic on the data it was chosen on
+        j_loss_lower = (float(2 * j_loss - loss_boot.mean() - z * loss_boot.std(ddof=1))
+                        if len(loss_boot) > 1 else float("nan"))
+        found.measured["j_loss_lower"] = j_loss_lower
+        if j_loss_lower >= cfg.min_j_loss:
+            found.fire({f"{_SECTION}.threshold_shift": cfg.threshold_shift,
+                        f"{_SECTION}.min_j_loss": cfg.min_j_loss,
+                        f"{_SECTION}.min_auroc_ratio": cfg.min_auroc_ratio}, j_loss, cfg.min_j_loss)
+
+    def _drift_fact(self, lab: LabelData, config: MonitorConfig, found: "_Findings", *, ece_adj: float,
+                    auc: float, youden: float, auroc_intact: bool, reliable: bool) -> IssueFact:
+        ref, deployed, measured, fired = lab.reference, lab.threshold, found.measured, found.fired
+        ref_ece, ref_auc = ref.get("ece"), ref.get("auroc")
+        y, p = lab.y, lab.probs
+        ece = expected_calibration_error(y, p, n_bins=config.calibration_drift.n_bins)
         slope, intercept = calibration_slope_intercept(y, lab.logits)
-        severity = max((severity_for(e, t, config) for e, t in excess), key=("medium", "high").index)
+        severity = max((severity_for(e, t, config) for e, t in found.excess), key=("medium", "high").index)
         criteria = [c for c, key in (("ece", "ece_increase"), ("operating_point", "threshold_shift"),
                                      ("threshold_displacement", "max_threshold_displacement"))
                     if f"{_SECTION}.{key}" in fired]
@@ -236,7 +249,7 @@ class CalibrationDriftMonitor(Monitor):
                    else f"ranking not assessable on {lab.positives} positive(s), so not counted as intact")
         measured.update(
             ece=ece, auroc=auc, auroc_intact=auroc_intact, youden_threshold=youden, deployed_threshold=deployed,
-            threshold_shift=shift, calibration_slope=slope, calibration_intercept=intercept,
+            threshold_shift=youden - deployed, calibration_slope=slope, calibration_intercept=intercept,
             mean_probability=float(p.mean()), prevalence=float(y.mean()), positives=lab.positives, n=len(y),
             auroc_comparable=reliable,
         )
@@ -254,3 +267,29 @@ class CalibrationDriftMonitor(Monitor):
                       "reference_detail": {k: ref.get(k) for k in ("calibration_slope", "calibration_intercept",
                                                                    "threshold", "prevalence", "fp", "tn", "n")}},
         )
+
+
+class _SharedResamples:
+    """The bootstrap resampling counts, drawn at most once per label and shared by every test."""
+
+    def __init__(self, draw, n_boot: int) -> None:
+        self._draw, self._n_boot, self._counts = draw, n_boot, None
+
+    def __call__(self):
+        if self._counts is None:
+            self._counts = self._draw(self._n_boot)
+        return self._counts
+
+
+@dataclass
+class _Findings:
+    """What one label's tests measured, which policy keys fired, and by how much (for severity)."""
+
+    resamples: _SharedResamples
+    measured: dict[str, object] = field(default_factory=dict)
+    fired: dict[str, float] = field(default_factory=dict)
+    excess: list[tuple[float, float]] = field(default_factory=list)
+
+    def fire(self, keys: dict[str, float], value: float, limit: float) -> None:
+        self.fired.update(keys)
+        self.excess.append((value, limit))
