@@ -23,8 +23,8 @@ from cli import main
 from engine.audit import AuditStore
 from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
-from engine.loop import EXIT_UNTREATED, run_triage, sort_facts
-from engine.verify import Acceptance, verify_treatment
+from engine.triage.run import EXIT_UNTREATED, run_triage, sort_facts
+from engine.triage.verify import Acceptance, verify_treatment
 from interventions import base as plugin_base
 from interventions.base import Intervention, InterventionResult, TreatmentContext
 from model.bundle import Bundle, load_bundle, new_bundle
@@ -410,16 +410,16 @@ def test_healthy_model_is_left_alone(world: World, tmp_path: Path) -> None:
 
 def test_backbone_changes_are_verified_on_re_extracted_features(world: World, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.verify
+    import engine.triage.verify
 
     calls: list[int] = []
-    real = engine.verify.extract_features
+    real = engine.triage.verify.extract_features
 
     def spy(bundle, dataset, **kw):
         calls.append(len(dataset))
         return real(bundle, dataset, **kw)
 
-    monkeypatch.setattr(engine.verify, "extract_features", spy)
+    monkeypatch.setattr(engine.triage.verify, "extract_features", spy)
     policy = FakePolicy({"calibration_drift": [("backbone_threshold", 1.0)]})
     result, _ = _triage(world, policy, tmp_path / "run")
     assert result.exit_code == 0
@@ -432,7 +432,7 @@ def test_verify_names_collateral_damage(world: World) -> None:
     data = extract_features(world.drifted, world.dataset)
     worse = Worsen().apply(TreatmentContext(world.drifted, op_point_monitor(world.drifted, data)[0], data,
                                             world.dataset))
-    from engine.verify import treated_features
+    from engine.triage.verify import treated_features
 
     after = treated_features(worse.bundle, True, data, world.dataset)
     vr = verify_treatment(fact=op_point_monitor(world.drifted, data)[0], intervention="worsen",
@@ -465,7 +465,7 @@ def test_fact_order_is_deterministic() -> None:
 @pytest.fixture
 def cli_fakes(monkeypatch: pytest.MonkeyPatch):
     import engine.commands.triage as triage_cmd
-    import engine.loop as loop
+    import engine.triage.run as loop
 
     holder: dict[str, FakePolicy] = {}
     monkeypatch.setattr(triage_cmd, "_load_policy", lambda path: holder["policy"])
@@ -547,7 +547,7 @@ def test_real_policy_treats_a_logit_shift_with_the_threshold(world: World, tmp_p
 
 
 def test_label_restricted_monitoring_is_exact_for_the_kept_labels(world: World) -> None:
-    from engine.loop import default_monitor_fn
+    from engine.triage.run import default_monitor_fn
     from rules.policy import load_policy
 
     policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")

@@ -14,7 +14,7 @@ from engine.audit import AuditStore
 from engine.commands.common import add_data_args, load_data, load_model
 from engine.console import console, err_console, progress_task
 from engine.core.errors import EXIT_NEEDS_APPROVAL, EXIT_OK, EXIT_USAGE
-from engine.loop import EXIT_UNTREATED, TriageOutcome, run_triage
+from engine.triage.run import EXIT_UNTREATED, TriageOutcome, run_triage
 
 __all__ = ["register", "run", "EXIT_STATUS_HELP"]
 

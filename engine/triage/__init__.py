@@ -1,0 +1,1 @@
+"""The decision loop: monitor -> decide -> apply to a copy -> verify -> accept or escalate."""
