@@ -36,7 +36,7 @@ from safetensors.numpy import save
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.audit import AuditStore  # noqa: E402
-from engine.loop import run_triage  # noqa: E402
+from engine.triage import run_triage  # noqa: E402
 from engine.monitors import MonitorContext, run_monitors  # noqa: E402
 from engine.core.storage import atomic_write_bytes  # noqa: E402
 from model import features as features_module  # noqa: E402

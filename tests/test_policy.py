@@ -247,7 +247,7 @@ def test_policy_is_immutable() -> None:
 
 
 def test_acceptance_maps_onto_the_verifier() -> None:
-    verify = pytest.importorskip("engine.verify")
+    verify = pytest.importorskip("engine.triage.verify")
     acc = AcceptanceConfig(max_other_auroc_change=0.02, min_improvement=0.5, max_tp_lost=1, max_new_issues=2)
     out = acc.to_verify()
     assert isinstance(out, verify.Acceptance)

@@ -14,7 +14,8 @@ from engine.audit import AuditStore
 from engine.commands.common import add_data_args, load_data, load_model
 from engine.console import console, err_console, progress_task
 from engine.core.errors import EXIT_NEEDS_APPROVAL, EXIT_OK, EXIT_USAGE
-from engine.loop import EXIT_UNTREATED, TriageOutcome, run_triage
+from engine.triage import EXIT_UNTREATED, TriageOutcome, run_triage
+from rules.policy import Policy, load_policy
 
 __all__ = ["register", "run", "EXIT_STATUS_HELP"]
 
@@ -59,9 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_policy(path: Path) -> Any:
-    from rules.policy import load_policy
-
+def _load_policy(path: Path) -> Policy:
     return load_policy(path)
 
 
@@ -152,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir: Path = args.out
     audit_path: Path = args.audit or out_dir.resolve().parent / "audit.db"
     console.print(f"Triage of [bold]{escape(args.model.name)}[/] on {len(dataset)} images of {escape(str(args.data))} "
-                  f"(split {dataset.split}) under policy {escape(str(getattr(policy, 'name', args.policy)))}"
+                  f"(split {dataset.split}) under policy {escape(policy.name)}"
                   + (" — dry run" if args.dry_run else ""))
     with ExitStack() as stack, AuditStore(audit_path) as audit:
         current: dict[str, Any] = {"stage": None, "cb": None}

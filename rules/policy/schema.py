@@ -204,7 +204,7 @@ class VerificationConfig(_Strict):
 
 
 class AcceptanceConfig(_Strict):
-    """What a treated model must show on the held-out verify split (fields match ``engine.verify.Acceptance``)."""
+    """What a treated model must show on the held-out verify split (fields match ``engine.triage.verify.Acceptance``)."""
 
     #: Largest AUROC drop allowed on any label other than the treated one.
     max_other_auroc_change: float = Field(0.01, ge=0, le=1)
@@ -220,8 +220,8 @@ class AcceptanceConfig(_Strict):
     min_fp_removed_share: float | None = Field(0.5, gt=0, le=1)
 
     def to_verify(self) -> Any:
-        """The same limits as the ``engine.verify.Acceptance`` the verifier takes."""
-        from engine.verify import Acceptance
+        """The same limits as the ``engine.triage.verify.Acceptance`` the verifier takes."""
+        from engine.triage.verify import Acceptance
 
         return Acceptance(**self.model_dump())
 

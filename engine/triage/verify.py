@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
+from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
-from interventions.attribution import evidence_members
+from interventions.attribution import evidence_members, head_logits, truth_index
 from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet, extract_features
@@ -35,7 +35,6 @@ __all__ = [
     "MonitorFn",
     "Acceptance",
     "VerifyResult",
-    "classifier_logits",
     "treated_features",
     "split_metrics",
     "fact_key",
@@ -94,20 +93,6 @@ def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
-@torch.no_grad()
-def classifier_logits(bundle: Bundle, features: np.ndarray) -> np.ndarray:
-    """Logits of cached pooled features through ``bundle``'s classifier (no backbone)."""
-    head = bundle.model.classifier
-    was_training = head.training
-    head.eval()
-    try:
-        device = next(head.parameters()).device
-        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
-        return head(x).cpu().numpy().astype(np.float32)
-    finally:
-        head.train(was_training)
-
-
 def treated_features(
     after: Bundle,
     classifier_only: bool,
@@ -126,21 +111,15 @@ def treated_features(
     if new_hash == data.weights_hash:
         return dataclasses.replace(data, weights_hash=new_hash)
     if classifier_only:
-        return dataclasses.replace(data.with_logits(classifier_logits(after, data.features)), weights_hash=new_hash)
+        return dataclasses.replace(data.with_logits(head_logits(after, data.features)), weights_hash=new_hash)
     fs = extract_features(after, dataset, use_cache=use_cache, progress=progress)
     if fs.image_names != data.image_names:
         order = {name: i for i, name in enumerate(fs.image_names)}
         missing = [n for n in data.image_names if n not in order]
         if missing:
-            from engine.core.errors import InterventionError
-
             raise InterventionError(f"treated model could not read {len(missing)} image(s), e.g. {missing[0]!r}")
         fs = fs.subset(np.array([order[n] for n in data.image_names]))
     return fs
-
-
-def _truth_column(label: str) -> int | None:
-    return CHEXNET_LABELS.index(label) if label in CHEXNET_LABELS else None
 
 
 def split_metrics(bundle: Bundle, data: FeatureSet, labels: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -150,10 +129,9 @@ def split_metrics(bundle: Bundle, data: FeatureSet, labels: Sequence[str] | None
     for k, name in enumerate(bundle.labels):
         if labels is not None and name not in labels:
             continue
-        col = _truth_column(name)
-        if col is None:
+        if name not in CHEXNET_LABELS:  # no ground truth for this output
             continue
-        y = data.labels[:, col]
+        y = data.labels[:, truth_index(name)]
         conf = confusion_at(y, probs[:, k], float(bundle.meta.thresholds[k]))
         out[name] = {
             "n": int(len(y)),
@@ -231,9 +209,9 @@ def _cluster_check(fact: IssueFact, before_bundle: Bundle, after_bundle: Bundle,
     label = fact.label or ""
     k_b = before_bundle.labels.index(label)
     k_a = after_bundle.labels.index(label)
-    truth = _truth_column(label)
     rows = [i for i, n in enumerate(before.image_names) if n in members]
-    if truth is not None:
+    if label in CHEXNET_LABELS:  # only the members that are true negatives can be false positives
+        truth = truth_index(label)
         rows = [i for i in rows if before.labels[i, truth] == 0]
     if not rows:
         return _check("cluster_fps_removed", None, min_share, True,
@@ -277,51 +255,84 @@ def verify_treatment(
     """
     if facts_before is None:
         facts_before = monitor_fn(before_bundle, before, parent, parent_data)
-    # Only labels whose outputs changed can have new facts; the treated label is always re-checked.
-    changed = changed_labels(before_bundle, after_bundle, before, after)
-    if changed is None:
-        facts_after = monitor_fn(after_bundle, after, parent, parent_data)
-    else:
-        keep = sorted(set(changed) | ({fact.label} if fact.label else set()))
-        facts_after = monitor_fn(after_bundle, after, parent, parent_data, labels=keep)
-        # Unchanged labels keep their facts (identical inputs give identical facts).
-        redo = set(keep)
-        facts_after = [f for f in facts_after if f.label is None or f.label in redo] + \
-                      [f for f in facts_before if f.label is not None and f.label not in redo]
+    facts_after = _facts_after(fact, before_bundle, after_bundle, before, after, monitor_fn, parent, parent_data,
+                               facts_before)
     key = fact_key(fact)
     same_before = [f for f in facts_before if fact_key(f) == key]
     same_after = [f for f in facts_after if fact_key(f) == key]
-    checks: list[dict[str, Any]] = []
-    where = f"{fact.kind} ({fact.monitor}) on {fact.label or 'the model'}"
 
-    # (a) the issue itself. "Not detected" only counts where the label can be assessed at all.
-    unassessable = [f for f in facts_after if f.kind == "cannot_assess" and fact.label is not None
-                    and f.label == fact.label and _blocks(f, fact)]
-    if unassessable:
-        checks.append(_check("issue_assessable", False, True, False,
-                             f"{where} cannot be verified on the verify split: {unassessable[0].message}"))
-    elif not same_after:
-        checks.append(_check("issue_gone", 0, 0, True, f"{where} is no longer detected on the verify split"))
-    elif acceptance.min_improvement is None:
-        checks.append(_check("issue_gone", len(same_after), 0, False,
-                             f"{where} is still detected on the verify split: {same_after[0].message}"))
-    else:
-        d_before = issue_distance(same_before[0]) if same_before else None
-        d_after = issue_distance(same_after[0])
-        if d_before is None or d_after is None or d_before <= 0:
-            improvement = None
-            detail = (f"{where} is still detected and its improvement cannot be measured "
-                      f"(distance before {d_before}, after {d_after})")
-        else:
-            improvement = 1.0 - d_after / d_before
-            detail = (f"{where} is still detected; distance from reference {d_before:.4g} -> {d_after:.4g} "
-                      f"({improvement:+.1%})")
-        ok = improvement is not None and improvement >= acceptance.min_improvement
-        checks.append(_check("issue_improved", improvement, acceptance.min_improvement, ok, detail))
-
+    # (a) the issue itself
+    checks = [_issue_check(fact, facts_after, same_before, same_after, acceptance)]
     # (b) collateral damage
     m_before = split_metrics(before_bundle, before)
     m_after = split_metrics(after_bundle, after)
+    checks.append(_other_labels_check(fact, m_before, m_after, acceptance))
+    if fact.label is not None and fact.label in m_before and (fact.kind == "fp_cluster" or intervention == "zeroing"):
+        checks.append(_tp_lost_check(fact.label, m_before, m_after, acceptance))
+    if fact.kind == "fp_cluster" and fact.label is not None and acceptance.min_fp_removed_share is not None:
+        checks.append(_cluster_check(fact, before_bundle, after_bundle, before, after, acceptance.min_fp_removed_share))
+    checks.append(_new_issues_check(key, facts_before, facts_after, acceptance))
+
+    return VerifyResult(
+        passed=all(c["passed"] for c in checks),
+        checks=checks,
+        before=m_before,
+        after=m_after,
+        facts_before=[dict(f.model_dump(mode="json"), fact_id=f.fact_id) for f in same_before],
+        facts_after=[dict(f.model_dump(mode="json"), fact_id=f.fact_id) for f in same_after],
+    )
+
+
+def _facts_after(fact: IssueFact, before_bundle: Bundle, after_bundle: Bundle, before: FeatureSet, after: FeatureSet,
+                 monitor_fn: MonitorFn, parent: Bundle | None, parent_data: FeatureSet | None,
+                 facts_before: list[IssueFact]) -> list[IssueFact]:
+    """All monitors' facts on the verify split under the treated model.
+
+    Only labels whose outputs changed can have new facts; the treated label is always re-checked.
+    """
+    changed = changed_labels(before_bundle, after_bundle, before, after)
+    if changed is None:
+        return monitor_fn(after_bundle, after, parent, parent_data)
+    keep = sorted(set(changed) | ({fact.label} if fact.label else set()))
+    facts_after = monitor_fn(after_bundle, after, parent, parent_data, labels=keep)
+    # Unchanged labels keep their facts (identical inputs give identical facts).
+    redo = set(keep)
+    return [f for f in facts_after if f.label is None or f.label in redo] + \
+           [f for f in facts_before if f.label is not None and f.label not in redo]
+
+
+def _issue_check(fact: IssueFact, facts_after: list[IssueFact], same_before: list[IssueFact],
+                 same_after: list[IssueFact], acceptance: Acceptance) -> dict[str, Any]:
+    """Whether the issue went away (or improved enough). "Not detected" only counts where the label
+    can be assessed at all."""
+    where = f"{fact.kind} ({fact.monitor}) on {fact.label or 'the model'}"
+    unassessable = [f for f in facts_after if f.kind == "cannot_assess" and fact.label is not None
+                    and f.label == fact.label and _blocks(f, fact)]
+    if unassessable:
+        return _check("issue_assessable", False, True, False,
+                      f"{where} cannot be verified on the verify split: {unassessable[0].message}")
+    if not same_after:
+        return _check("issue_gone", 0, 0, True, f"{where} is no longer detected on the verify split")
+    if acceptance.min_improvement is None:
+        return _check("issue_gone", len(same_after), 0, False,
+                      f"{where} is still detected on the verify split: {same_after[0].message}")
+    d_before = issue_distance(same_before[0]) if same_before else None
+    d_after = issue_distance(same_after[0])
+    if d_before is None or d_after is None or d_before <= 0:
+        improvement = None
+        detail = (f"{where} is still detected and its improvement cannot be measured "
+                  f"(distance before {d_before}, after {d_after})")
+    else:
+        improvement = 1.0 - d_after / d_before
+        detail = (f"{where} is still detected; distance from reference {d_before:.4g} -> {d_after:.4g} "
+                  f"({improvement:+.1%})")
+    ok = improvement is not None and improvement >= acceptance.min_improvement
+    return _check("issue_improved", improvement, acceptance.min_improvement, ok, detail)
+
+
+def _other_labels_check(fact: IssueFact, m_before: dict[str, dict[str, Any]], m_after: dict[str, dict[str, Any]],
+                        acceptance: Acceptance) -> dict[str, Any]:
+    """The largest AUROC drop on a label other than the treated one."""
     worst_label, worst_drop = None, 0.0
     for name, row in m_before.items():
         if name == fact.label:
@@ -333,34 +344,27 @@ def verify_treatment(
         if worst_label is None or drop > worst_drop:
             worst_label, worst_drop = name, drop
     if worst_label is None:
-        checks.append(_check("other_labels_auroc_drop", None, acceptance.max_other_auroc_change, True,
-                             "no other label has an assessable AUROC on the verify split"))
-    else:
-        checks.append(_check(
-            "other_labels_auroc_drop", round(float(worst_drop), 12), acceptance.max_other_auroc_change,
-            worst_drop <= acceptance.max_other_auroc_change + 1e-12,
-            f"largest AUROC drop on another label: {worst_label} {m_before[worst_label]['auroc']:.4f} -> "
-            f"{m_after[worst_label]['auroc']:.4f}"))
+        return _check("other_labels_auroc_drop", None, acceptance.max_other_auroc_change, True,
+                      "no other label has an assessable AUROC on the verify split")
+    return _check(
+        "other_labels_auroc_drop", round(float(worst_drop), 12), acceptance.max_other_auroc_change,
+        worst_drop <= acceptance.max_other_auroc_change + 1e-12,
+        f"largest AUROC drop on another label: {worst_label} {m_before[worst_label]['auroc']:.4f} -> "
+        f"{m_after[worst_label]['auroc']:.4f}")
 
-    if fact.label is not None and fact.label in m_before and (fact.kind == "fp_cluster" or intervention == "zeroing"):
-        lost = int(m_before[fact.label]["tp"]) - int(m_after[fact.label]["tp"])
-        checks.append(_check("tp_lost", lost, acceptance.max_tp_lost, lost <= acceptance.max_tp_lost,
-                             f"{fact.label}: true positives {m_before[fact.label]['tp']} -> {m_after[fact.label]['tp']} "
-                             "on the verify split"))
 
-    if fact.kind == "fp_cluster" and fact.label is not None and acceptance.min_fp_removed_share is not None:
-        checks.append(_cluster_check(fact, before_bundle, after_bundle, before, after, acceptance.min_fp_removed_share))
+def _tp_lost_check(label: str, m_before: dict[str, dict[str, Any]], m_after: dict[str, dict[str, Any]],
+                   acceptance: Acceptance) -> dict[str, Any]:
+    """True positives the treated label lost (treatments of false positives)."""
+    lost = int(m_before[label]["tp"]) - int(m_after[label]["tp"])
+    return _check("tp_lost", lost, acceptance.max_tp_lost, lost <= acceptance.max_tp_lost,
+                  f"{label}: true positives {m_before[label]['tp']} -> {m_after[label]['tp']} on the verify split")
 
+
+def _new_issues_check(key: tuple[str, str, str], facts_before: list[IssueFact], facts_after: list[IssueFact],
+                      acceptance: Acceptance) -> dict[str, Any]:
+    """Actionable issues the treatment raised that were not there before (the treated issue aside)."""
     before_keys = {fact_key(f) for f in facts_before if f.actionable}
     new = sorted({fact_key(f) for f in facts_after if f.actionable and fact_key(f) not in before_keys and fact_key(f) != key})
-    checks.append(_check("new_issues", len(new), acceptance.max_new_issues, len(new) <= acceptance.max_new_issues,
-                         "new actionable issues: " + (", ".join(f"{k}/{lbl or 'model'}" for _, k, lbl in new) or "none")))
-
-    return VerifyResult(
-        passed=all(c["passed"] for c in checks),
-        checks=checks,
-        before=m_before,
-        after=m_after,
-        facts_before=[dict(f.model_dump(mode="json"), fact_id=f.fact_id) for f in same_before],
-        facts_after=[dict(f.model_dump(mode="json"), fact_id=f.fact_id) for f in same_after],
-    )
+    return _check("new_issues", len(new), acceptance.max_new_issues, len(new) <= acceptance.max_new_issues,
+                  "new actionable issues: " + (", ".join(f"{k}/{lbl or 'model'}" for _, k, lbl in new) or "none"))
