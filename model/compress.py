@@ -26,7 +26,7 @@ Stages (all on calibration images; fidelity is measured on images that were not 
    finds the largest reduction that stays inside them (a target given with tolerances caps it).
 3. **Surgery**: produced channels that no consumer reads any more are removed physically (rows of
    ``conv2`` / transition convolutions / ``conv0``), layers that produce nothing disappear, and
-   the result is a :class:`model.compressed.PrunedDenseNet`.
+   the result is a :class:`model.nets.pruned.PrunedDenseNet`.
 
 The bundle's ``history`` gets one ``compress`` entry: the calibration manifest hash, seed and
 sampling settings, and per consumer the kept input channels and bottleneck (in the parent's
@@ -58,7 +58,10 @@ from torch import nn
 
 from engine.core.errors import BundleError, DataError
 from model.bundle import Bundle, bundle_to_bytes
-from model.compressed import (
+from model.data import NIHDataset, patient_disjoint_split, read_images
+from model.features import to_model_input
+from model.metrics import auroc_rows
+from model.nets import (
     ARCH_NAME,
     PrunedDenseBlock,
     PrunedDenseLayer,
@@ -70,9 +73,6 @@ from model.compressed import (
     encode_index,
     to_json_config,
 )
-from model.data import NIHDataset, patient_disjoint_split, read_images
-from model.features import to_model_input
-from model.metrics import _auroc_rows
 
 __all__ = [
     "CompressSettings",
@@ -776,7 +776,7 @@ def auroc_within(ref_auroc: np.ndarray, new_auroc: np.ndarray, tol: float) -> tu
 def _label_aurocs(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
     if len(labels) == 0:
         return np.full(labels.shape[1], np.nan)
-    return _auroc_rows(labels.T.astype(np.float64), logits.T.astype(np.float64))
+    return auroc_rows(labels.T.astype(np.float64), logits.T.astype(np.float64))
 
 
 class _Walk:
@@ -1483,10 +1483,10 @@ def fidelity(ref_logits: np.ndarray, new_logits: np.ndarray, labels: np.ndarray,
         y = labels[:, k].astype(np.float64)
         row: dict[str, Any] = {"positives": int(y.sum())}
         if 0 < y.sum() < len(y):
-            a_ref = float(_auroc_rows(y[None], ref_logits[:, k][None].astype(np.float64))[0])
-            a_new = float(_auroc_rows(y[None], new_logits[:, k][None].astype(np.float64))[0])
-            boot = (_auroc_rows(y[idx], new_logits[:, k][idx].astype(np.float64))
-                    - _auroc_rows(y[idx], ref_logits[:, k][idx].astype(np.float64)))
+            a_ref = float(auroc_rows(y[None], ref_logits[:, k][None].astype(np.float64))[0])
+            a_new = float(auroc_rows(y[None], new_logits[:, k][None].astype(np.float64))[0])
+            boot = (auroc_rows(y[idx], new_logits[:, k][idx].astype(np.float64))
+                    - auroc_rows(y[idx], ref_logits[:, k][idx].astype(np.float64)))
             boot = boot[np.isfinite(boot)]
             lo, hi = (np.quantile(boot, [0.025, 0.975]) if len(boot) else (np.nan, np.nan))
             row.update(auroc_ref=a_ref, auroc_new=a_new, delta=a_new - a_ref,
