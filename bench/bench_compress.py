@@ -47,7 +47,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from model.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
-from model.compress import (  # noqa: E402
+from model.compression import (  # noqa: E402
     CompressSettings,
     compress_bundle,
     compress_targets,

@@ -22,7 +22,7 @@ from cli import main
 from conftest import NIH_HEADER
 from engine.core.errors import BundleError, DataError
 from model.bundle import Bundle, load_bundle, new_bundle, save_bundle
-from model.compress import (
+from model.compression import (
     CompressSettings,
     compress_bundle,
     count_macs,
