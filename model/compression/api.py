@@ -33,7 +33,6 @@ class CompressResult:
     report: dict[str, Any]
 
 
-
 def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk: Walk, info: dict[str, Any],
             log: list[str], report_data: tuple[torch.Tensor, np.ndarray, str] | None, speed: bool,
             target: float | None, t0: float) -> CompressResult:
@@ -130,5 +129,3 @@ def compress_targets(
         out.append(_finish(bundle, calib, settings.replace(target_reduction=target), walk, info, [], report_data,
                            speed, target, t0))
     return out
-
-

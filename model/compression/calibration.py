@@ -104,4 +104,3 @@ def prepare_calibration(
         fit_names=tuple(dataset.image_names[i] for i in fit_idx),
         hold_names=tuple(dataset.image_names[i] for i in hold_idx),
     )
-

@@ -70,4 +70,3 @@ def label_aurocs(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
     if len(labels) == 0:
         return np.full(labels.shape[1], np.nan)
     return auroc_rows(labels.T.astype(np.float64), logits.T.astype(np.float64))
-

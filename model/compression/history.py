@@ -150,9 +150,8 @@ def refit_to_parent(compressed: Bundle, parent: Bundle, dataset: NIHDataset, *, 
         raise BundleError("re-fitted network does not have the compressed bundle's architecture; its history "
                           "does not describe it")
     new_entry = history_entry(parent_hash, calib, settings, [dict(c) for c in entry["consumers"]], op="f_reopt",
-                               extra={"previous_hash": compressed.content_hash()})
+                              extra={"previous_hash": compressed.content_hash()})
     new_entry["calibration"]["holdout"] = False
     meta = compressed.meta.model_copy(update={"history": list(compressed.meta.history) + [new_entry],
                                               "parent_hash": parent_hash})
     return Bundle(net, meta), new_entry
-

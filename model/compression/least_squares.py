@@ -160,4 +160,3 @@ def eliminate(
         alive = [alive[i] for i in keep_g]
         curve.append((len(alive), err))
     return order, curve
-

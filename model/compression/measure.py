@@ -144,4 +144,3 @@ def compression_report(parent: Bundle, compressed: Bundle, x: torch.Tensor, labe
                    n_boot=n_boot, seed=seed)
     fid["where"] = where
     return {"size": rows, "ratios": ratios, "fidelity": fid, "torch_threads": torch.get_num_threads()}
-

@@ -45,7 +45,6 @@ def spatial_sizes(input_size: int, n_blocks: int) -> list[int]:
     return sizes
 
 
-
 def sample_positions(parent: PrunedDenseNet, n_fit: int, input_size: int, settings: CompressSettings) -> Samples:
     """The images and spatial positions each block's least-squares problems are sampled at.
 
@@ -98,7 +97,6 @@ def check_problem_sizes(net: PrunedDenseNet, calib: Calibration, samples: Sample
             + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
             + f". Use at least ~{need} calibration images (or more --views)."
         )
-
 
 
 def logits_from_block(net: PrunedDenseNet, block: int, x: torch.Tensor) -> torch.Tensor:

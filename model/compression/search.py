@@ -189,4 +189,3 @@ def run_compression(parent_net: PrunedDenseNet, calib: Calibration, settings: Co
     if settings.target_reduction is not None and not settings.tolerances:
         return compress_to_target(pl, settings.target_reduction, None, progress)
     return search_tolerance(pl, progress, log, cap=settings.target_reduction)
-

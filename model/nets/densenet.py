@@ -39,6 +39,7 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(growth_rate=12, block_config=[3, 6, 12, 8], num_init_features=24, bn_size=4),
 }
 
+
 def build_densenet(config: dict[str, Any]) -> nn.Module:
     """An untrained torchvision DenseNet from a ``densenet`` config (see :func:`arch_config`)."""
     known = {"growth_rate", "block_config", "num_init_features", "bn_size", "num_classes", "in_channels", "drop_rate"}
