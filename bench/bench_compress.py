@@ -47,7 +47,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from model.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
-from model.compress import (  # noqa: E402
+from model.compression import (  # noqa: E402
     CompressSettings,
     compress_bundle,
     compress_targets,
@@ -155,7 +155,7 @@ def _tp_prune(parent: Bundle, target: float, method: str, x_cal: torch.Tensor, y
 
 def _classifier_refit(model: torch.nn.Module, parent: Bundle, x_cal: torch.Tensor) -> torch.nn.Module:
     """Ridge least squares of the head on pooled features to the parent's logits (head-only reconstruction)."""
-    from model.densenet import pooled_features
+    from model.nets import pooled_features
 
     out = copy.deepcopy(model).eval()
     with torch.no_grad():

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.core.storage import atomic_write_json  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.data import load_nih_dataset  # noqa: E402
-from model.densenet import arch_config, build_model  # noqa: E402
 from model.evaluate import evaluate_bundle  # noqa: E402
 from model.features import compute_features  # noqa: E402
+from model.nets import arch_config, build_model  # noqa: E402
 from model.train import fit_model, train_bundle  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

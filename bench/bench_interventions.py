@@ -375,7 +375,7 @@ def scenario_head_timing(args: argparse.Namespace) -> dict[str, Any]:
     one label with a planted 5-channel false-positive cluster. Measures cost, not clinical effect.
     """
     from model.bundle import new_bundle
-    from model.densenet import arch_config, build_model
+    from model.nets import arch_config, build_model
 
     rng = np.random.default_rng(args.seed)
     n, f, k = args.timing_rows, 1024, CHEXNET_LABELS.index("Pneumothorax")

@@ -42,9 +42,9 @@ from engine.core.storage import atomic_write_bytes  # noqa: E402
 from model import features as features_module  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.data import load_nih_dataset  # noqa: E402
-from model.densenet import arch_config, build_model  # noqa: E402
 from model.features import extract_features  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
+from model.nets import arch_config, build_model  # noqa: E402
 from model.train import reference_from_holdout  # noqa: E402
 from rules.decide import decide  # noqa: E402
 from rules.policy import load_policy  # noqa: E402

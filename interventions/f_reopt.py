@@ -20,10 +20,10 @@ import torch
 
 from engine.core.errors import BundleError, DataError, InterventionError
 from interventions.base import Intervention, InterventionResult, TreatmentContext, register
-from model.compress import latest_plan, refit_to_parent
-from model.compressed import ARCH_NAME
+from model.compression import latest_plan, refit_to_parent
 from model.data import read_images
 from model.features import to_model_input
+from model.nets import ARCH_NAME
 
 __all__ = ["FReopt"]
 

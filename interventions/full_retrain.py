@@ -19,8 +19,8 @@ from engine.core.errors import DataError, InterventionError
 from interventions.attribution import choice_param, finite_or_none, float_param, int_param, resolve_params
 from interventions.base import Intervention, InterventionResult, TreatmentContext, register
 from model.bundle import Bundle, BundleMeta
-from model.densenet import ARCH_PRESETS
 from model.labels import CHEXNET_LABELS
+from model.nets import ARCH_PRESETS
 from model.train import train_bundle
 
 __all__ = ["FullRetrainIntervention", "preset_of"]

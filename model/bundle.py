@@ -26,8 +26,8 @@ from torch import nn
 
 from engine.core.errors import BundleError
 from engine.core.storage import atomic_write_bytes, canonical_json, sha256_bytes
-from model.densenet import arch_config, build_model
 from model.labels import CHEXNET_LABELS, XRV_LABELS
+from model.nets import arch_config, build_model
 
 __all__ = [
     "TOOL_VERSION",

@@ -11,7 +11,7 @@ import numpy as np
 from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet, extract_features
-from model.metrics import _auroc_rows, per_label_metrics, sigmoid
+from model.metrics import auroc_rows, per_label_metrics, sigmoid
 
 __all__ = ["evaluate_features", "evaluate_bundle", "mean_auroc_bootstrap_ci"]
 
@@ -25,7 +25,7 @@ def mean_auroc_bootstrap_ci(
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(labels), size=(n_boot, len(labels)))
-    per_label = np.stack([_auroc_rows(labels[:, k][idx].astype(float), scores[:, k][idx]) for k in usable])
+    per_label = np.stack([auroc_rows(labels[:, k][idx].astype(float), scores[:, k][idx]) for k in usable])
     means = np.nanmean(per_label, axis=0)
     lo, hi = np.nanquantile(means, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)

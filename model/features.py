@@ -22,8 +22,8 @@ from safetensors.numpy import load_file, save
 from engine.core.storage import atomic_write_bytes, sha256_bytes
 from model.bundle import Bundle, BundleMeta
 from model.data import NIHDataset, manifest_digest, read_images
-from model.densenet import pooled_features
 from model.metrics import sigmoid
+from model.nets import pooled_features
 
 __all__ = ["FeatureSet", "cache_dir", "to_model_input", "compute_features", "extract_features"]
 

@@ -18,6 +18,7 @@ __all__ = [
     "sigmoid",
     "logit",
     "auroc",
+    "auroc_rows",
     "auroc_bootstrap_ci",
     "auprc",
     "expected_calibration_error",
@@ -33,7 +34,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
 
 
-def _auroc_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def auroc_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUROC of each row of ``scores`` (B, N) against the matching row of ``y`` (B, N)."""
     ranks = rankdata(scores, axis=-1)
     n_pos = y.sum(axis=-1).astype(np.float64)
@@ -47,7 +48,7 @@ def _auroc_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def auroc(y: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve; NaN when only one class is present."""
     y = np.asarray(y).astype(np.float64)
-    return float(_auroc_rows(y[None, :], np.asarray(scores, dtype=np.float64)[None, :])[0])
+    return float(auroc_rows(y[None, :], np.asarray(scores, dtype=np.float64)[None, :])[0])
 
 
 def auroc_bootstrap_ci(
@@ -60,7 +61,7 @@ def auroc_bootstrap_ci(
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(y), size=(n_boot, len(y)))
-    values = _auroc_rows(y[idx], scores[idx])
+    values = auroc_rows(y[idx], scores[idx])
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return (float("nan"), float("nan"))

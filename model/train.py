@@ -21,10 +21,10 @@ from torch import nn
 from engine.core.errors import DataError
 from model.bundle import Bundle, new_bundle
 from model.data import NIHDataset, patient_disjoint_split, read_images
-from model.densenet import arch_config, build_model
 from model.features import compute_features, to_model_input
 from model.labels import CHEXNET_LABELS
 from model.metrics import per_label_metrics, sigmoid, youden_threshold, auroc
+from model.nets import arch_config, build_model
 
 __all__ = ["default_device", "augment_batch", "fit_model", "train_bundle", "reference_from_holdout", "mean_auroc"]
 

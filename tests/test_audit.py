@@ -216,7 +216,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     import torch
     from engine.audit import AuditStore
     from model.bundle import new_bundle, save_bundle
-    from model.densenet import arch_config, build_model
+    from model.nets import arch_config, build_model
 
     torch.manual_seed(0)
     cfg = arch_config("tiny")

@@ -10,7 +10,7 @@ import torch
 
 from engine.core.errors import BundleError
 from model.bundle import load_bundle, load_checkpoint, new_bundle, save_bundle
-from model.densenet import arch_config, build_model, chexnet_densenet121, count_parameters, tiny_densenet, xrv_densenet121
+from model.nets import arch_config, build_model, chexnet_densenet121, count_parameters, tiny_densenet, xrv_densenet121
 
 
 def _tiny_bundle(seed: int = 0):

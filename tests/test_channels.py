@@ -20,8 +20,8 @@ from model.channels import (
     polarized_channels,
     shipped_label_stats,
 )
-from model.densenet import arch_config, build_model
 from model.labels import CHEXNET_LABELS
+from model.nets import arch_config, build_model
 
 from conftest import NIH_HEADER, SHARED_DATA
 

@@ -22,7 +22,7 @@ from cli import main
 from conftest import NIH_HEADER
 from engine.core.errors import BundleError, DataError
 from model.bundle import Bundle, load_bundle, new_bundle, save_bundle
-from model.compress import (
+from model.compression import (
     CompressSettings,
     compress_bundle,
     count_macs,
@@ -30,19 +30,22 @@ from model.compress import (
     replay_compression,
     surgery,
 )
-from model.compressed import (
+from model.data import load_nih_dataset, read_images
+from model.features import to_model_input
+from model.labels import CHEXNET_LABELS
+from model.nets import (
     ARCH_NAME,
     PrunedDenseNet,
+    arch_config,
+    build_model,
     config_from_densenet,
+    count_parameters,
     decode_index,
     encode_index,
     from_densenet,
+    pooled_features,
     to_json_config,
 )
-from model.data import load_nih_dataset, read_images
-from model.densenet import arch_config, build_model, count_parameters, pooled_features
-from model.features import to_model_input
-from model.labels import CHEXNET_LABELS
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,7 +16,7 @@ from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
 from interventions.base import TreatmentContext, get_intervention
 from model.bundle import Bundle
-from model.compress import CompressSettings, compress_bundle
+from model.compression import CompressSettings, compress_bundle
 from model.data import load_nih_dataset, read_images
 from model.features import FeatureSet, compute_features, to_model_input
 from test_compress import tiny_bundle, write_textures

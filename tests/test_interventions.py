@@ -25,10 +25,10 @@ from interventions.full_retrain import preset_of
 from interventions.partial_retrain import fit_head, patient_folds
 from model.bundle import Bundle, load_bundle, new_bundle, save_bundle
 from model.data import load_nih_dataset
-from model.densenet import arch_config, tiny_densenet
 from model.features import FeatureSet, extract_features
 from model.labels import CHEXNET_LABELS
 from model.metrics import auroc, confusion_at, sigmoid
+from model.nets import arch_config, tiny_densenet
 
 PTX = CHEXNET_LABELS.index("Pneumothorax")
 EFF = CHEXNET_LABELS.index("Effusion")

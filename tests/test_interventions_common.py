@@ -87,9 +87,9 @@ class World:
         self._compressed: Bundle | None = None
 
     def compressed(self) -> Bundle:
-        """The base model compressed by ``model.compress`` on the world's images (built on first use)."""
+        """The base model compressed by ``model.compression`` on the world's images (built on first use)."""
         if self._compressed is None:
-            from model.compress import CompressSettings, compress_bundle  # noqa: PLC0415
+            from model.compression import CompressSettings, compress_bundle  # noqa: PLC0415
             settings = CompressSettings(target_reduction=0.3, max_auroc_drop=None)
             result = compress_bundle(self.base, self.dataset, settings, speed=False)
             self._compressed = result.bundle

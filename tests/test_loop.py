@@ -28,10 +28,10 @@ from interventions import base as plugin_base
 from interventions.base import Intervention, InterventionResult, TreatmentContext
 from model.bundle import Bundle, load_bundle, new_bundle
 from model.data import NIHDataset, load_nih_dataset
-from model.densenet import arch_config, build_model
 from model.features import FeatureSet, extract_features
 from model.labels import CHEXNET_LABELS
 from model.metrics import confusion_at, sigmoid
+from model.nets import arch_config, build_model
 from model.train import reference_from_holdout
 from rules.policy import Policy, load_policy, policy_from_dict
 

@@ -21,9 +21,9 @@ from engine.report_html import collect_run, render_run_report
 from engine.core.storage import atomic_write_json, sha256_file
 from model.bundle import new_bundle, save_bundle
 from model.clinical_report import build_report, render_report_html, write_report
-from model.densenet import arch_config, build_model
 from model.gradcam import REGION_NAMES, grad_cam, locate_regions, region_shares, upsample_map
 from model.labels import CHEXNET_LABELS
+from model.nets import arch_config, build_model
 from model.phantom import render_phantom
 
 from conftest import NIH_FULLRES

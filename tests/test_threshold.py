@@ -11,10 +11,10 @@ from engine.core.facts import IssueFact
 from interventions.base import TreatmentContext, available_interventions, get_intervention
 from interventions.threshold import fit_threshold, negatives_threshold
 from model.bundle import new_bundle
-from model.densenet import arch_config, build_model
 from model.features import FeatureSet
 from model.labels import CHEXNET_LABELS
 from model.metrics import confusion_at, sigmoid, youden_threshold
+from model.nets import arch_config, build_model
 
 LABEL = "Effusion"
 K = CHEXNET_LABELS.index(LABEL)

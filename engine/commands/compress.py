@@ -1,4 +1,4 @@
-"""``cli.py compress``: a physically smaller DenseNet that reproduces its parent (see ``model.compress``)."""
+"""``cli.py compress``: a physically smaller DenseNet that reproduces its parent (see ``model.compression``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engine.console import console, progress_task
 from engine.core.errors import DataError
 from engine.core.storage import atomic_write_json
 from model.bundle import save_bundle
-from model.compress import CompressSettings, compress_bundle
+from model.compression import CompressSettings, compress_bundle
 from model.data import SPLIT_FILES, load_nih_dataset, read_images
 from model.features import to_model_input
 

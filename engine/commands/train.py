@@ -10,7 +10,7 @@ from rich.table import Table
 from engine.commands.common import add_data_args, load_data
 from engine.console import console, progress_task
 from model.bundle import save_bundle
-from model.densenet import ARCH_PRESETS, count_parameters
+from model.nets import ARCH_PRESETS, count_parameters
 from model.train import default_device, train_bundle
 
 

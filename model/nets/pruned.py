@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.errors import BundleError
-from model.densenet import register_arch
 
 __all__ = [
     "ARCH_NAME",
@@ -331,11 +330,8 @@ def block_input_widths(cfg: dict[str, Any]) -> list[int]:
 
 
 def build_pruned_densenet(config: dict[str, Any]) -> PrunedDenseNet:
-    """Registered builder for ``arch="densenet_pruned"``."""
+    """The ``densenet_pruned`` entry of the architecture table (:data:`model.nets.archs.ARCHS`)."""
     return PrunedDenseNet(config)
-
-
-register_arch(ARCH_NAME, build_pruned_densenet)
 
 
 # --------------------------------------------------------------------------- conversion

@@ -1,14 +1,14 @@
-"""DenseNet factories and the architecture registry that bundles are rebuilt from.
+"""DenseNet factories, the named presets, and the pooled-features helpers.
 
 Every model in this project exposes torchvision's DenseNet interface: ``model.features(x)``
 returns the final (pre-ReLU) feature map and ``model.classifier`` is a ``Linear`` on the pooled,
 ReLU'd features. Classifier-level work (thresholds, zeroing, retraining, attribution) relies on it
-via :func:`pooled_features`; a compressed net registers its own builder under another name.
+via :func:`pooled_features`. :func:`build_densenet` is the ``densenet`` entry of the architecture
+table in :mod:`model.nets.archs`; a compressed net (:mod:`model.nets.pruned`) has its own entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,9 +20,8 @@ from engine.core.errors import BundleError
 
 __all__ = [
     "ARCH_PRESETS",
-    "register_arch",
     "arch_config",
-    "build_model",
+    "build_densenet",
     "densenet121",
     "chexnet_densenet121",
     "xrv_densenet121",
@@ -40,15 +39,9 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(growth_rate=12, block_config=[3, 6, 12, 8], num_init_features=24, bn_size=4),
 }
 
-_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
 
-
-def register_arch(name: str, builder: Callable[[dict[str, Any]], nn.Module]) -> None:
-    """Register a builder ``config -> nn.Module`` under ``name`` (used by bundle loading)."""
-    _BUILDERS[name] = builder
-
-
-def _build_densenet(config: dict[str, Any]) -> nn.Module:
+def build_densenet(config: dict[str, Any]) -> nn.Module:
+    """An untrained torchvision DenseNet from a ``densenet`` config (see :func:`arch_config`)."""
     known = {"growth_rate", "block_config", "num_init_features", "bn_size", "num_classes", "in_channels", "drop_rate"}
     unknown = set(config) - known
     if unknown:
@@ -68,22 +61,6 @@ def _build_densenet(config: dict[str, Any]) -> nn.Module:
     return model
 
 
-register_arch("densenet", _build_densenet)
-
-
-def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
-    """Build an untrained model of a registered architecture from its config."""
-    if arch not in _BUILDERS:
-        # Importing the compression module registers the pruned-DenseNet builder lazily.
-        try:
-            import model.compressed  # noqa: F401
-        except ImportError:
-            pass
-    if arch not in _BUILDERS:
-        raise BundleError(f"Unknown architecture {arch!r}; known: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[arch](dict(config))
-
-
 def arch_config(preset: str, *, num_classes: int = 14, in_channels: int = 3) -> dict[str, Any]:
     """The ``densenet`` config of a named preset (``densenet121``, ``small``, ``tiny``)."""
     if preset not in ARCH_PRESETS:
@@ -92,7 +69,7 @@ def arch_config(preset: str, *, num_classes: int = 14, in_channels: int = 3) -> 
 
 
 def densenet121(*, num_classes: int = 14, in_channels: int = 3) -> nn.Module:
-    return _build_densenet(arch_config("densenet121", num_classes=num_classes, in_channels=in_channels))
+    return build_densenet(arch_config("densenet121", num_classes=num_classes, in_channels=in_channels))
 
 
 def chexnet_densenet121() -> nn.Module:
@@ -106,7 +83,7 @@ def xrv_densenet121() -> nn.Module:
 
 
 def tiny_densenet(*, num_classes: int = 14, in_channels: int = 3) -> nn.Module:
-    return _build_densenet(arch_config("tiny", num_classes=num_classes, in_channels=in_channels))
+    return build_densenet(arch_config("tiny", num_classes=num_classes, in_channels=in_channels))
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

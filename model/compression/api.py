@@ -1,0 +1,131 @@
+"""The public entry points: compress a bundle to one setting, or to several targets at once."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.core.errors import DataError
+from model.bundle import Bundle
+from model.compression.calibration import Calibration, prepare_calibration
+from model.compression.history import HISTORY_OP, history_entry
+from model.compression.measure import compression_report
+from model.compression.search import compress_to_target, holdout_guard, prepare_planning, run_compression
+from model.compression.settings import CompressSettings, Progress
+from model.compression.surgery import surgery
+from model.compression.walk import Walk
+from model.data import NIHDataset
+from model.nets.pruned import ARCH_NAME, PrunedDenseNet, as_pruned, to_json_config
+
+__all__ = ["CompressResult", "compress_bundle", "compress_targets"]
+
+
+@dataclass
+class CompressResult:
+    """The compressed bundle, its report (JSON-able) and the pruned network in physical form."""
+
+    bundle: Bundle
+    report: dict[str, Any]
+
+
+def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk: Walk, info: dict[str, Any],
+            log: list[str], report_data: tuple[torch.Tensor, np.ndarray, str] | None, speed: bool,
+            target: float | None, t0: float) -> CompressResult:
+    """Surgery, the new bundle with its history entry, and the report."""
+    net = surgery(walk.work)
+    parent_hash = bundle.content_hash()
+    entry = history_entry(parent_hash, calib, settings, [walk.records[n] for n in walk.names], op=HISTORY_OP)
+    meta = bundle.meta
+    new = Bundle(net, meta.model_copy(update={
+        "arch": ARCH_NAME, "arch_config": to_json_config(net.config), "parent_hash": parent_hash,
+        "history": list(meta.history) + [entry],
+    }))
+    x_rep, y_rep, where = report_data if report_data is not None else (calib.hold, calib.hold_labels,
+                                                                     f"calibration holdout ({len(calib.hold)} images)")
+    report = compression_report(bundle, new, x_rep, y_rep, where=where, speed=speed, seed=settings.seed)
+    exact_tot: dict[str, int] = {}
+    for v in walk.exact_found.values():
+        for k, n in v.items():
+            exact_tot[k] = exact_tot.get(k, 0) + n
+    report.update(
+        settings=dict(settings.model_dump(), target_reduction=target),
+        strategy=info,
+        log=list(log),
+        exact_stage=exact_tot,
+        calibration={"manifest_hash": calib.manifest_hash, "split": calib.split, "fit_images": calib.n_images,
+                     "views": calib.views, "holdout_images": int(len(calib.hold))},
+        guard={"steps": len(walk.guard_log), "backoffs": sum(1 for g in walk.guard_log if not g["accepted"])},
+        target_met=None if target is None else report["ratios"]["parameter_reduction"] >= target - 1e-9,
+        parent_hash=parent_hash,
+        wall_time_s=time.perf_counter() - t0,
+    )
+    summary = {k: report["ratios"][k] for k in ("parameter_reduction", "flop_reduction")}
+    summary.update(max_abs_dlogit=report["fidelity"]["max_abs_dlogit"], where=where)
+    new = new.with_meta(notes={**meta.notes, "compression": summary})
+    return CompressResult(new, report)
+
+
+def _prepare(bundle: Bundle, dataset: NIHDataset, settings: CompressSettings,
+             images: np.ndarray | None) -> tuple[PrunedDenseNet, Calibration]:
+    """The bundle's net as a (copied) pruned DenseNet, and its calibration data with a holdout."""
+    parent_net, _ = as_pruned(bundle.model, bundle.meta.arch, bundle.meta.arch_config)
+    parent_net = copy.deepcopy(parent_net).eval()
+    calib = prepare_calibration(bundle, dataset, holdout_fraction=settings.holdout_fraction, seed=settings.seed,
+                                views=settings.views, memory_mb=settings.memory_mb, images=images)
+    if len(calib.hold) == 0:
+        raise DataError(f"{dataset.root}: the held-out part of the calibration data is empty")
+    return parent_net, calib
+
+
+def compress_bundle(
+    bundle: Bundle,
+    dataset: NIHDataset,
+    settings: CompressSettings | None = None,
+    *,
+    report_data: tuple[torch.Tensor, np.ndarray, str] | None = None,
+    speed: bool = True,
+    images: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> CompressResult:
+    """Compress a DenseNet bundle with calibration images from ``dataset``; see the module docstring.
+
+    ``report_data`` = (model inputs, labels, description) of held-out images for the report; by
+    default the calibration holdout is used. The returned bundle records ``parent_hash`` and a
+    replayable ``compress`` history entry.
+    """
+    settings = settings or CompressSettings()
+    t0 = time.perf_counter()
+    parent_net, calib = _prepare(bundle, dataset, settings, images)
+    log: list[str] = []
+    walk, info = run_compression(parent_net, calib, settings, progress=progress, log=log)
+    return _finish(bundle, calib, settings, walk, info, log, report_data, speed, settings.target_reduction, t0)
+
+
+def compress_targets(
+    bundle: Bundle,
+    dataset: NIHDataset,
+    targets: list[float],
+    settings: CompressSettings | None = None,
+    *,
+    report_data: tuple[torch.Tensor, np.ndarray, str] | None = None,
+    speed: bool = False,
+    images: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> list[CompressResult]:
+    """One compressed bundle per target reduction, sharing one planning pass (for trade-off curves)."""
+    settings = settings or CompressSettings()
+    parent_net, calib = _prepare(bundle, dataset, settings, images)
+    pl = prepare_planning(parent_net, calib, settings, progress)
+    out = []
+    for target in targets:
+        t0 = time.perf_counter()
+        guard = holdout_guard(pl, settings.max_logit_delta) if settings.tolerances else None
+        walk, info = compress_to_target(pl, target, guard, progress)
+        out.append(_finish(bundle, calib, settings.replace(target_reduction=target), walk, info, [], report_data,
+                           speed, target, t0))
+    return out

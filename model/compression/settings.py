@@ -1,0 +1,84 @@
+"""What to compress to and how: :class:`CompressSettings`, validated like every other setting.
+
+The settings are a frozen pydantic model (unknown keys refused) checked by the project's one
+validation system (:mod:`engine.core.validation`), so a bad value is reported the way a bad policy
+value is, naming the parameter and what was expected::
+
+    CompressSettings: ==> At key: target_reduction: must be a number < 1, got 1.5
+
+The error is a ``ValueError`` (``cli.py compress`` turns it into a usage message).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from engine.core.validation import format_validation_error, show_value
+
+__all__ = ["CompressSettings", "Progress"]
+
+#: ``progress(done, total)``, called after each consumer (and each decoded image batch).
+Progress = Callable[[int, int], None]
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"must be a finite number >= 0, got {show_value(value)}")
+    return value
+
+
+#: A finite number >= 0 (a tolerance, a weight); NaN fails the bound, infinity the finiteness.
+FiniteNonNegative = Annotated[float, Field(ge=0.0), AfterValidator(_finite)]
+#: A share strictly between 0 and 1.
+OpenShare = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class CompressSettings(BaseModel):
+    """What to compress to and how. ``None`` tolerances are not enforced.
+
+    ``target_reduction`` alone (no tolerance) is always met; with tolerances the tolerances win and
+    the report says whether the target was reached. Neither: only the exact stage runs.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target_reduction: OpenShare | None = None
+    #: AUROC tolerance on the calibration holdout: |mean ΔAUROC| <= it and every label <= 5x it.
+    max_auroc_drop: FiniteNonNegative | None = 0.001
+    #: Largest |Δlogit| on the calibration holdout.
+    max_logit_delta: FiniteNonNegative | None = None
+    exact_only: bool = False
+    holdout_fraction: OpenShare = 0.2
+    seed: int = 0
+    #: Relative ridge of the reconstruction re-fits (x mean input variance), towards the old weights.
+    ridge: float = Field(default=1e-3, ge=0.0)
+    #: Calibration views per image (1 = no augmentation); None: automatic (about 1000 fitted inputs).
+    views: int | None = Field(default=None, ge=1)
+    #: Sampled positions per 1x1 / 3x3 least-squares problem.
+    positions: int = Field(default=16384, ge=64)
+    positions_3x3: int = Field(default=8192, ge=64)
+    #: Most target passes (probes of the bisection) when tolerances steer the reduction.
+    max_passes: int = Field(default=6, ge=1)
+    #: Memory allowance for cached activations (MiB), which bounds the views at large inputs.
+    memory_mb: int = 1024
+    #: Weight of multiply-adds against parameters when budgets are allocated (0: parameters only;
+    #: 1: a relative FLOP saving counts as much as the same relative parameter saving).
+    flops_weight: FiniteNonNegative = 0.5
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(exc, "CompressSettings", type(self))) from None
+
+    def replace(self, **changes: Any) -> CompressSettings:
+        """A copy with ``changes`` applied, validated again (``model_copy`` would not validate)."""
+        return CompressSettings(**{**self.model_dump(), **changes})
+
+    @property
+    def tolerances(self) -> bool:
+        return self.max_auroc_drop is not None or self.max_logit_delta is not None
