@@ -51,7 +51,8 @@ from engine.core.storage import atomic_write_json  # noqa: E402
 from interventions.attribution import (  # noqa: E402
     contributions, finite_or_none, head_logits, top_channels, truth_index,
 )
-from interventions.base import InterventionResult, TreatmentContext, get_intervention  # noqa: E402
+from interventions.base import InterventionResult, TreatmentContext  # noqa: E402
+from interventions.registry import get_intervention  # noqa: E402
 from model.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
 from model.data import NIHDataset, load_nih_dataset, patient_disjoint_split  # noqa: E402
 from model.features import FeatureSet, extract_features  # noqa: E402

@@ -35,10 +35,6 @@ __all__ = [
     "check_features_match",
     "evidence_channels",
     "evidence_members",
-    "int_param",
-    "float_param",
-    "choice_param",
-    "resolve_params",
     "finite_or_none",
 ]
 
@@ -179,67 +175,3 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
-
-
-# --- policy parameters -------------------------------------------------------------------------
-# Shared by the plugins of this package: every one reads ``ctx.params`` (from the policy YAML)
-# against a spec of defaults and checks, and refuses unknown keys so that a typo in a policy is an
-# error with the key's name instead of a silently ignored setting.
-
-def int_param(lo: int | None = None, hi: int | None = None):
-    """Checker: an integer in [lo, hi]."""
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-                (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = (f" >= {lo}" if lo is not None else "") + (f" <= {hi}" if hi is not None else "")
-            raise ValueError("an integer" + bounds)
-        return int(value)
-    return check
-
-
-def float_param(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
-    """Checker: a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
-    def check(value):
-        ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
-            and math.isfinite(float(value))
-        if ok and lo is not None:
-            ok = float(value) > lo if lo_open else float(value) >= lo
-        if ok and hi is not None:
-            ok = float(value) <= hi
-        if not ok:
-            bound = ""
-            if lo is not None:
-                bound += f" {'>' if lo_open else '>='} {lo}"
-            if hi is not None:
-                bound += f"{' and' if lo is not None else ''} <= {hi}"
-            raise ValueError("a number" + bound)
-        return float(value)
-    return check
-
-
-def choice_param(*options):
-    """Checker: one of ``options``."""
-    def check(value):
-        if value not in options:
-            raise ValueError("one of " + ", ".join(repr(o) for o in options))
-        return value
-    return check
-
-
-def resolve_params(plugin: str, params: dict, spec: dict) -> dict:
-    """``params`` checked against ``spec`` (``name -> (default, checker)``), defaults filled in."""
-    unknown = sorted(set(params) - set(spec))
-    if unknown:
-        raise InterventionError(f"{plugin}: unknown parameter(s) {unknown}; expected some of {sorted(spec)}")
-    out = {}
-    for key, (default, check) in spec.items():
-        value = params.get(key, default)
-        if value is None and default is None:
-            out[key] = None
-            continue
-        try:
-            out[key] = check(value)
-        except ValueError as exc:
-            raise InterventionError(
-                f"The '{key}' parameter of {plugin} must be {exc}. Got {value!r} instead.") from None
-    return out

@@ -8,7 +8,8 @@ Some faults live in the backbone's features, where no classifier-level change re
 * a **shortcut** (``fp_cluster``): the net learned that an artefact (a chest tube) means the
   finding. Counterfactual copies of a share of the label's NEGATIVES with the artefact drawn in —
   still labelled negative — break that correlation at its source. The artefact is the fault
-  injector's chest tube (``model.inject.draw_tube``); another kind of shortcut needs its own drawer.
+  injector's chest tube (``model.inject.draw_tube``, the one drawer injection and augmentation share);
+  another kind of shortcut needs its own drawer.
 
 Only ``features.denseblock4``, ``features.norm5`` and ``classifier`` train (``fit_model`` with a
 ``trainable`` filter, on a copy), for a bounded number of epochs, keeping the best epoch by
@@ -23,70 +24,35 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
+from pydantic import BeforeValidator, Field
 
 from engine.core.errors import DataError, InterventionError
-from interventions.attribution import (
-    choice_param, finite_or_none, float_param, int_param, output_index, resolve_params, truth_index,
-)
-from interventions.base import Intervention, InterventionResult, TreatmentContext, register
+from engine.core.validation import show_value
+from interventions.attribution import finite_or_none, output_index, truth_index
+from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
 from model.bundle import BundleMeta
 from model.data import patient_disjoint_split, read_images
 from model.features import compute_features
+from model.inject import draw_tube
 from model.labels import CHEXNET_LABELS
 from model.metrics import auroc, sigmoid, youden_threshold
 from model.train import augment_batch, fit_model, mean_auroc
 
-__all__ = ["AugmentationIntervention", "draw_tube", "intensity_jitter", "TRAINABLE_PREFIXES"]
+__all__ = ["AugmentationIntervention", "intensity_jitter", "TRAINABLE_PREFIXES"]
 
 #: The layers that fine-tuning may change (torchvision DenseNet names).
 TRAINABLE_PREFIXES = ("features.denseblock4", "features.norm5", "classifier")
 
 
-def _prefixes_param(value: Any) -> tuple[str, ...]:
+def _check_prefixes(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError("a non-empty list of parameter-name prefixes")
+        raise ValueError(f"must be a non-empty list of parameter-name prefixes, got {show_value(value)}")
     return tuple(value)
-
-
-PARAMS = {
-    "mode": ("auto", choice_param("auto", "intensity", "shortcut")),
-    "epochs": (3, int_param(1, 100)),
-    "lr": (3e-4, float_param(0.0, lo_open=True)),
-    "weight_decay": (1e-4, float_param(0.0)),
-    "batch_size": (32, int_param(1, 4096)),
-    "patience": (2, int_param(1)),
-    "val_fraction": (0.2, float_param(0.0, 1.0, lo_open=True)),
-    "counterfactual_share": (0.5, float_param(0.0, 1.0, lo_open=True)),
-    "min_threshold_positives": (5, int_param(1)),
-    "trainable": (TRAINABLE_PREFIXES, _prefixes_param),
-}
-
-
-def draw_tube(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Copy of a grey ``(H, W)`` image in [0, 1] with a bright, tube-like curved line drawn in.
-
-    A smooth quadratic curve from the upper chest down into a lung field, about ``W/40`` wide,
-    radiopaque (brighter than anything around it). Used to make counterfactual negatives.
-    """
-    h, w = image.shape
-    side = rng.choice([-1.0, 1.0])
-    p0 = np.array([rng.uniform(0.40, 0.60) * w, rng.uniform(0.0, 0.08) * h])
-    p2 = np.array([(0.5 + side * rng.uniform(0.15, 0.32)) * w, rng.uniform(0.55, 0.80) * h])
-    p1 = np.array([(0.5 + side * rng.uniform(0.05, 0.30)) * w, rng.uniform(0.25, 0.45) * h])
-    t = np.linspace(0.0, 1.0, 4 * (h + w))[:, None]
-    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2  # (P, 2) in (x, y) pixels
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    d2 = np.full((h, w), np.inf)
-    for x0, y0 in curve[:: max(1, len(curve) // 256)]:
-        np.minimum(d2, (xx - x0) ** 2 + (yy - y0) ** 2, out=d2)
-    half_width = max(0.6, w / 80.0)
-    profile = np.exp(-0.5 * d2 / half_width**2)
-    strength = rng.uniform(0.35, 0.6)
-    return np.clip(image + strength * profile, 0.0, 1.0).astype(np.float32)
 
 
 def intensity_jitter(meta: BundleMeta, *, gamma: tuple[float, float] = (0.7, 1.4), gain: float = 0.15,
@@ -115,28 +81,76 @@ def intensity_jitter(meta: BundleMeta, *, gamma: tuple[float, float] = (0.7, 1.4
     return augment
 
 
-def _shortcut_drawer() -> tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], str]:
-    """The fault injector's own tube (``model.inject.draw_tube``, on an 8-bit image) when available,
-    else :func:`draw_tube`: counterfactuals should carry the artefact the model actually learned."""
-    try:
-        from model.inject import draw_tube as inject_tube  # noqa: PLC0415  (optional module)
-    except ImportError:
-        return draw_tube, "interventions.augmentation.draw_tube"
-    from PIL import Image  # noqa: PLC0415
+def _draw_tube_grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The fault injector's tube (:func:`model.inject.draw_tube`) drawn on a grey ``(H, W)`` image in [0, 1]
+    (through an 8-bit image, as the injector draws): counterfactuals carry the artefact the model learned."""
+    im = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
+    draw_tube(im, rng)
+    return np.asarray(im, dtype=np.float32) / 255.0
 
-    def drawer(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        im = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
-        inject_tube(im, rng)
-        return np.asarray(im, dtype=np.float32) / 255.0
 
-    return drawer, "model.inject.draw_tube"
+#: Recorded in the recipe as the counterfactuals' drawer.
+_DRAWER_NAME = "model.inject.draw_tube"
 
 
 def _sha(items: list[str]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 
-@register
+def _with_counterfactuals(ctx: TreatmentContext, params: AugmentationIntervention.Params, dataset: Any,
+                          images: np.ndarray, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The training images and labels plus copies of a share of the label's negatives with the tube drawn in
+    (still labelled negative), and the recipe entry that replays them."""
+    labels = dataset.labels
+    negatives = train_idx[labels[train_idx, truth_index(ctx.fact.label)] == 0]
+    rng = np.random.default_rng([ctx.seed, 17])
+    n_cf = max(1, int(round(params.counterfactual_share * len(negatives))))
+    picked = np.sort(rng.choice(negatives, size=min(n_cf, len(negatives)), replace=False))
+    counterfactual = np.stack([_draw_tube_grey(images[i].copy(), rng) for i in picked]).astype(np.float32)
+    train_images = np.concatenate([images[train_idx], counterfactual])
+    train_labels = np.concatenate([labels[train_idx], labels[picked]])
+    record = {"counterfactual": {"label": ctx.fact.label, "n": int(len(picked)), "drawer": _DRAWER_NAME,
+                                 "images_sha256": _sha([dataset.image_names[i] for i in picked]),
+                                 "rng": [ctx.seed, 17]}}
+    return train_images, train_labels, record
+
+
+def _refit_thresholds(meta: BundleMeta, val_labels: np.ndarray, val_after: np.ndarray,
+                      least: int) -> tuple[list[float], list[str], list[str]]:
+    """Youden thresholds on the inner validation part for labels with ``least`` positives and negatives there
+    (the others keep theirs from ``meta``)."""
+    thresholds = list(meta.thresholds)
+    refit, kept = [], []
+    for j, label in enumerate(meta.labels):  # outputs are in CheXNet order (checked in applicable)
+        y = val_labels[:, j]
+        if int(y.sum()) < least or int((1 - y).sum()) < least:
+            kept.append(label)
+            continue
+        thresholds[j] = youden_threshold(y.astype(int), sigmoid(val_after[:, j].astype(np.float64)))
+        refit.append(label)
+    return thresholds, refit, kept
+
+
+def _fit_metrics(label: str | None, labels: tuple[str, ...], val_labels: np.ndarray, val_before: np.ndarray,
+                 val_after: np.ndarray, report: dict[str, Any]) -> dict[str, Any]:
+    fit_metrics: dict[str, Any] = {
+        "inner_validation": {
+            "n": int(len(val_labels)),
+            "mean_auroc": {"before": mean_auroc(val_labels, val_before),
+                           "after": mean_auroc(val_labels, val_after)},
+        },
+        "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"], "history": report["history"],
+    }
+    if label is not None and label in labels:
+        j = labels.index(label)
+        y = val_labels[:, j].astype(int)
+        before_a, after_a = auroc(y, val_before[:, j]), auroc(y, val_after[:, j])
+        fit_metrics[label] = {"auroc_inner_validation": {
+            "before": None if np.isnan(before_a) else float(before_a),
+            "after": None if np.isnan(after_a) else float(after_a)}}
+    return fit_metrics
+
+
 class AugmentationIntervention(Intervention):
     """Fine-tune the top of the backbone with augmentation aimed at the fault."""
 
@@ -145,19 +159,26 @@ class AugmentationIntervention(Intervention):
     expected_time_s = 120.0
     classifier_only = False
 
-    def _mode(self, ctx: TreatmentContext, params: dict[str, Any]) -> str:
-        if params["mode"] != "auto":
-            return params["mode"]
+    class Params(InterventionParams):
+        """``params.augmentation``: the fault's augmentation and the fine-tuning schedule."""
+
+        mode: Literal["auto", "intensity", "shortcut"] = "auto"
+        epochs: int = Field(3, ge=1, le=100)
+        lr: float = Field(3e-4, gt=0.0, allow_inf_nan=False)
+        weight_decay: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
+        batch_size: int = Field(32, ge=1, le=4096)
+        patience: int = Field(2, ge=1)
+        val_fraction: float = Field(0.2, gt=0.0, le=1.0, allow_inf_nan=False)
+        counterfactual_share: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+        min_threshold_positives: int = Field(5, ge=1)
+        trainable: Annotated[tuple[str, ...], BeforeValidator(_check_prefixes)] = TRAINABLE_PREFIXES
+
+    def _mode(self, ctx: TreatmentContext, params: AugmentationIntervention.Params) -> str:
+        if params.mode != "auto":
+            return params.mode
         return "shortcut" if ctx.fact.kind == "fp_cluster" else "intensity"
 
-    def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
-        ok, why = super().applicable(ctx)
-        if not ok:
-            return ok, why
-        try:
-            params = resolve_params(self.name, dict(ctx.params), PARAMS)
-        except InterventionError as exc:
-            return False, str(exc)
+    def _applicable(self, ctx: TreatmentContext, params: AugmentationIntervention.Params) -> tuple[bool, str]:
         if list(ctx.bundle.labels) != list(CHEXNET_LABELS):
             return False, (f"fine-tuning trains on the 14 NIH labels; this model's {len(ctx.bundle.labels)} outputs "
                            "are not in CheXNet order")
@@ -166,10 +187,10 @@ class AugmentationIntervention(Intervention):
         if list(ctx.fit_dataset.image_names) != list(ctx.fit.image_names):
             return False, "the fit dataset's rows do not match the fit split's features"
         names = [n for n, _ in ctx.bundle.model.named_parameters()]
-        trainable = [n for n in names if n.startswith(params["trainable"])]
+        trainable = [n for n in names if n.startswith(params.trainable)]
         if not trainable:
             return False, (f"no parameter of the {ctx.bundle.meta.arch!r} model starts with "
-                           f"{', '.join(params['trainable'])}; nothing to fine-tune")
+                           f"{', '.join(params.trainable)}; nothing to fine-tune")
         mode = self._mode(ctx, params)
         if mode == "shortcut":
             if ctx.fact.label is None:
@@ -184,87 +205,48 @@ class AugmentationIntervention(Intervention):
         if len(set(ctx.fit_dataset.patient_ids.tolist())) < 2:
             return False, "the fit split has fewer than 2 patients; no inner validation part can be held out"
         return True, (f"augmentation ({mode}) fine-tunes {len(trainable)} parameter tensors "
-                      f"({', '.join(params['trainable'])}) for up to {params['epochs']} epoch(s)")
+                      f"({', '.join(params.trainable)}) for up to {params.epochs} epoch(s)")
 
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
-        params = resolve_params(self.name, dict(ctx.params), PARAMS)
+        params = self.read_params(ctx.params)
         mode = self._mode(ctx, params)
         meta = ctx.bundle.meta
         try:
             dataset, images = read_images(ctx.fit_dataset, meta.input_size)
         except DataError as exc:
             raise InterventionError(f"augmentation: cannot read the fit split's images: {exc}") from exc
-        labels = dataset.labels
-        train_idx, val_idx = patient_disjoint_split(dataset, params["val_fraction"], ctx.seed)
-        train_images, train_labels = images[train_idx], labels[train_idx]
-        recipe_extra: dict[str, Any] = {}
+        train_idx, val_idx = patient_disjoint_split(dataset, params.val_fraction, ctx.seed)
         if mode == "shortcut":
-            k_truth = truth_index(ctx.fact.label)
-            drawer, drawer_name = _shortcut_drawer()
-            negatives = train_idx[labels[train_idx, k_truth] == 0]
-            rng = np.random.default_rng([ctx.seed, 17])
-            n_cf = max(1, int(round(params["counterfactual_share"] * len(negatives))))
-            picked = np.sort(rng.choice(negatives, size=min(n_cf, len(negatives)), replace=False))
-            counterfactual = np.stack([drawer(images[i].copy(), rng) for i in picked]).astype(np.float32)
-            train_images = np.concatenate([train_images, counterfactual])
-            train_labels = np.concatenate([train_labels, labels[picked]])
+            train_images, train_labels, recipe_extra = _with_counterfactuals(ctx, params, dataset, images, train_idx)
             augment: Any = True
-            recipe_extra = {"counterfactual": {"label": ctx.fact.label, "n": int(len(picked)), "drawer": drawer_name,
-                                               "images_sha256": _sha([dataset.image_names[i] for i in picked]),
-                                               "rng": [ctx.seed, 17]}}
         else:
+            train_images, train_labels = images[train_idx], dataset.labels[train_idx]
             augment = intensity_jitter(meta)
             recipe_extra = {"jitter": {"gamma": [0.7, 1.4], "gain": 0.15, "bias": 0.1, "noise": 0.03}}
 
-        val_images, val_labels = images[val_idx], labels[val_idx]
+        val_images, val_labels = images[val_idx], dataset.labels[val_idx]
         _, val_before = compute_features(ctx.bundle, val_images)
         new = ctx.bundle.copy()
-        prefixes = params["trainable"]
-        batch_size = params["batch_size"]
+        prefixes = params.trainable
+        batch_size = params.batch_size
         while len(train_images) % batch_size == 1 and batch_size < len(train_images):
             batch_size += 1  # a last batch of one image breaks BatchNorm in training mode at 1x1 maps
         report = fit_model(
             new, train_images, train_labels, val_images=val_images, val_labels=val_labels,
-            epochs=params["epochs"], batch_size=batch_size, lr=params["lr"],
-            weight_decay=params["weight_decay"], seed=ctx.seed, patience=params["patience"], augment=augment,
+            epochs=params.epochs, batch_size=batch_size, lr=params.lr,
+            weight_decay=params.weight_decay, seed=ctx.seed, patience=params.patience, augment=augment,
             trainable=lambda n: n.startswith(prefixes), device=None, progress=ctx.progress,
         )
         _, val_after = compute_features(new, val_images)
-
-        thresholds = list(meta.thresholds)
-        refit, kept = [], []
-        for j, label in enumerate(new.labels):  # outputs are in CheXNet order (checked in applicable)
-            y = val_labels[:, j]
-            least = params["min_threshold_positives"]
-            if int(y.sum()) < least or int((1 - y).sum()) < least:
-                kept.append(label)
-                continue
-            thresholds[j] = youden_threshold(y.astype(int), sigmoid(val_after[:, j].astype(np.float64)))
-            refit.append(label)
-
-        fit_metrics: dict[str, Any] = {
-            "inner_validation": {
-                "n": int(len(val_idx)),
-                "mean_auroc": {"before": mean_auroc(val_labels, val_before),
-                               "after": mean_auroc(val_labels, val_after)},
-            },
-            "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"], "history": report["history"],
-        }
-        if ctx.fact.label is not None and ctx.fact.label in new.labels:
-            j = new.labels.index(ctx.fact.label)
-            y = val_labels[:, j].astype(int)
-            before_a, after_a = auroc(y, val_before[:, j]), auroc(y, val_after[:, j])
-            fit_metrics[ctx.fact.label] = {"auroc_inner_validation": {
-                "before": None if np.isnan(before_a) else float(before_a),
-                "after": None if np.isnan(after_a) else float(after_a)}}
-
+        thresholds, refit, kept = _refit_thresholds(meta, val_labels, val_after, params.min_threshold_positives)
+        fit_metrics = _fit_metrics(ctx.fact.label, new.labels, val_labels, val_before, val_after, report)
         recipe = {
             "op": "fine_tune",
             "mode": mode,
             "trainable": list(prefixes),
-            "epochs": params["epochs"], "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"],
-            "lr": params["lr"], "weight_decay": params["weight_decay"], "batch_size": batch_size,
-            "patience": params["patience"], "val_fraction": params["val_fraction"], "seed": ctx.seed,
+            "epochs": params.epochs, "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"],
+            "lr": params.lr, "weight_decay": params.weight_decay, "batch_size": batch_size,
+            "patience": params.patience, "val_fraction": params.val_fraction, "seed": ctx.seed,
             "fit_manifest_hash": ctx.fit_dataset.manifest_hash(),
             "train_images_sha256": _sha([dataset.image_names[i] for i in train_idx]),
             "val_images_sha256": _sha([dataset.image_names[i] for i in val_idx]),

@@ -1,23 +1,32 @@
-"""The interface every intervention plugin implements, and the plugin registry.
+"""The interface every intervention plugin implements.
 
 An intervention receives a :class:`TreatmentContext` (the compressed model, the issue fact, the
 *fit* split's cached features and its dataset, policy parameters, a seed) and returns an
 :class:`InterventionResult` with a NEW bundle; it never mutates its input. The engine verifies the
-result on a separate, patient-disjoint *verify* split. Third-party plugins register through the
-``cxr_triage.interventions`` entry-point group.
+result on a separate, patient-disjoint *verify* split.
+
+The base class owns what every plugin would otherwise repeat: the issue-kind check and the
+parameter check of :meth:`Intervention.applicable`, and the timing and no-mutation rule of
+:meth:`Intervention.apply`. Each plugin declares its parameters as a pydantic ``Params`` model
+(a subclass of :class:`InterventionParams`); the policy validates ``params.NAME`` against it when it
+loads, and the plugin reads the same model, so a parameter is checked once, by one system.
+
+Which plugins exist is :mod:`interventions.registry`'s business (this module does not import it).
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
+from engine.core.validation import format_validation_error
 from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet
@@ -25,14 +34,9 @@ from model.features import FeatureSet
 __all__ = [
     "TreatmentContext",
     "InterventionResult",
+    "InterventionParams",
     "Intervention",
-    "register",
-    "get_intervention",
-    "available_interventions",
-    "ENTRY_POINT_GROUP",
 ]
-
-ENTRY_POINT_GROUP = "cxr_triage.interventions"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class TreatmentContext:
     fact: IssueFact
     fit: FeatureSet
     fit_dataset: NIHDataset
+    #: The policy's parameters for this intervention (``Policy.params_for``), as plain data.
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     #: The uncompressed parent, when the bundle records one and it is available (for f_reopt).
@@ -64,8 +69,18 @@ class InterventionResult:
     classifier_only: bool = True
 
 
+class InterventionParams(BaseModel):
+    """Base of every plugin's ``Params``: unknown keys refused, no coercion from strings or booleans.
+
+    Without fields (as here) it accepts no parameter at all: a plugin that takes parameters must
+    declare them. Field order is the order in which a plugin records its resolved parameters.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
 class Intervention(ABC):
-    """Base class: subclasses set the class attributes and implement :meth:`apply`."""
+    """Base class: subclasses set the class attributes, declare ``Params`` and implement :meth:`_apply`."""
 
     #: Stable name used in policies and audit records.
     name: ClassVar[str]
@@ -75,16 +90,39 @@ class Intervention(ABC):
     expected_time_s: ClassVar[float]
     #: True when the intervention changes only thresholds/classifier (cached features stay valid).
     classifier_only: ClassVar[bool] = True
+    #: The parameters the policy may give (``params.NAME``); validated when the policy loads.
+    Params: ClassVar[type[InterventionParams]] = InterventionParams
+
+    @classmethod
+    def read_params(cls, params: Mapping[str, Any]) -> InterventionParams:
+        """``params`` validated as :attr:`Params`, defaults filled in; a bad one is an :class:`InterventionError`
+        that names the key, in the same words as a policy error."""
+        try:
+            return cls.Params.model_validate(dict(params))
+        except ValidationError as exc:
+            raise InterventionError(format_validation_error(exc, f"{cls.name} parameters", cls.Params)) from None
 
     def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
-        """Whether this intervention can run here, and why (or why not). Override to add conditions."""
+        """Whether this intervention can run here, and why (or why not).
+
+        The issue kind and the parameters are checked here; a plugin adds its own conditions in
+        :meth:`_applicable`, which receives the validated parameters.
+        """
         if ctx.fact.kind not in self.treats:
             return False, f"{self.name} does not treat {ctx.fact.kind}"
+        try:
+            params = self.read_params(ctx.params)
+        except InterventionError as exc:
+            return False, str(exc)
+        return self._applicable(ctx, params)
+
+    def _applicable(self, ctx: TreatmentContext, params: Any) -> tuple[bool, str]:
+        """The plugin's own conditions (kind and parameters already hold). Override to add some."""
         return True, f"{self.name} treats {ctx.fact.kind}"
 
     @abstractmethod
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
-        """Produce the treated copy. Must not modify ``ctx.bundle``."""
+        """Produce the treated copy (read parameters with :meth:`read_params`). Must not modify ``ctx.bundle``."""
 
     def apply(self, ctx: TreatmentContext) -> InterventionResult:
         """Run the intervention and time it; the base class owns timing and the no-mutation rule."""
@@ -97,38 +135,3 @@ class Intervention(ABC):
         if result.bundle is ctx.bundle or result.bundle.model is ctx.bundle.model:
             raise InterventionError(f"{self.name} returned its input bundle; interventions must work on a copy")
         return result
-
-
-_REGISTRY: dict[str, type[Intervention]] = {}
-_ENTRY_POINTS_LOADED = False
-
-
-def register(cls: type[Intervention]) -> type[Intervention]:
-    """Class decorator: make an intervention available under ``cls.name``."""
-    if not getattr(cls, "name", None):
-        raise TypeError(f"{cls.__name__} must set a 'name'")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_plugins() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    import interventions.builtin  # noqa: F401  (registers the built-in plugins)
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        register(ep.load())
-
-
-def available_interventions() -> dict[str, type[Intervention]]:
-    _load_plugins()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_intervention(name: str) -> Intervention:
-    plugins = available_interventions()
-    if name not in plugins:
-        raise InterventionError(f"Unknown intervention {name!r}; available: {', '.join(plugins)}")
-    return plugins[name]()

@@ -17,19 +17,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from engine.core.errors import BundleError, DataError, InterventionError
-from interventions.base import Intervention, InterventionResult, TreatmentContext, register
+from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
 from model.compression import latest_plan, refit_to_parent
 from model.data import read_images
 from model.features import to_model_input
 from model.nets import ARCH_NAME
 
 __all__ = ["FReopt"]
-
-#: Policy parameters this plugin understands.
-PARAMS = {"views": "augmented views per image for the re-fit (default: automatic)"}
-
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     was = model.training
@@ -41,7 +38,6 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         model.train(was)
 
 
-@register
 class FReopt(Intervention):
     """Re-run the compressed model's least-squares reconstruction on the fit split's images."""
 
@@ -50,17 +46,13 @@ class FReopt(Intervention):
     expected_time_s: ClassVar[float] = 120.0
     classifier_only: ClassVar[bool] = False
 
-    def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
-        ok, why = super().applicable(ctx)
-        if not ok:
-            return ok, why
-        unknown = sorted(set(ctx.params) - set(PARAMS))
-        if unknown:
-            return False, (f"f_reopt does not know the parameter(s) {', '.join(unknown)}; "
-                           f"expected some of {', '.join(PARAMS)}")
-        views = ctx.params.get("views")
-        if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
-            return False, f"f_reopt parameter 'views' must be an integer >= 1, got {views!r}"
+    class Params(InterventionParams):
+        """``params.f_reopt``."""
+
+        #: Augmented views per image for the re-fit (None: automatic).
+        views: int | None = Field(None, ge=1)
+
+    def _applicable(self, ctx: TreatmentContext, params: FReopt.Params) -> tuple[bool, str]:
         if ctx.bundle.meta.arch != ARCH_NAME:
             return False, (f"f_reopt re-fits a compressed model (arch '{ARCH_NAME}'); this bundle has arch "
                            f"{ctx.bundle.meta.arch!r}")
@@ -79,6 +71,7 @@ class FReopt(Intervention):
         return True, "compressed model with its parent and a replayable compression history"
 
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
+        params = self.read_params(ctx.params)
         parent = ctx.parent
         assert parent is not None  # checked by applicable()
         dataset, images = read_images(ctx.fit_dataset, parent.meta.input_size, skip_bad=True)
@@ -86,7 +79,7 @@ class FReopt(Intervention):
         ref = _logits(parent.model, x)
         before = _logits(ctx.bundle.model, x)
         try:
-            refit, entry = refit_to_parent(ctx.bundle, parent, dataset, seed=ctx.seed, views=ctx.params.get("views"),
+            refit, entry = refit_to_parent(ctx.bundle, parent, dataset, seed=ctx.seed, views=params.views,
                                            images=images, progress=ctx.progress)
         except (BundleError, DataError) as exc:
             raise InterventionError(f"f_reopt cannot re-fit on {ctx.fit_dataset.root} ({ctx.fit_dataset.split}): "

@@ -13,11 +13,13 @@ when none of those names a preset, the intervention refuses and says why.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
 
 from engine.core.errors import DataError, InterventionError
-from interventions.attribution import choice_param, finite_or_none, float_param, int_param, resolve_params
-from interventions.base import Intervention, InterventionResult, TreatmentContext, register
+from interventions.attribution import finite_or_none
+from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
 from model.bundle import Bundle, BundleMeta
 from model.labels import CHEXNET_LABELS
 from model.nets import ARCH_PRESETS
@@ -28,21 +30,10 @@ __all__ = ["FullRetrainIntervention", "preset_of"]
 _PRESET_KEYS = ("growth_rate", "block_config", "num_init_features", "bn_size")
 
 
-def _preset_name(value: Any) -> Any:
-    if value is None:
-        return None
-    return choice_param(*ARCH_PRESETS)(value)
-
-
-PARAMS = {
-    "preset": (None, _preset_name),
-    "epochs": (5, int_param(1, 1000)),
-    "lr": (1e-3, float_param(0.0, lo_open=True)),
-    "batch_size": (32, int_param(1, 4096)),
-    "val_fraction": (0.15, float_param(0.0, 1.0, lo_open=True)),
-    "patience": (3, int_param(1)),
-    "augment": (True, choice_param(True, False)),
-}
+def _check_preset(value: str | None) -> str | None:
+    if value is not None and value not in ARCH_PRESETS:
+        raise ValueError(f"must be one of {', '.join(repr(p) for p in ARCH_PRESETS)} or null, got {value!r}")
+    return value
 
 
 def _preset_from_config(meta: BundleMeta) -> str | None:
@@ -81,7 +72,6 @@ def preset_of(bundle: Bundle, parent: Bundle | None = None) -> tuple[str | None,
                   f"({', '.join(ARCH_PRESETS)}); pass the 'preset' parameter")
 
 
-@register
 class FullRetrainIntervention(Intervention):
     """Train a fresh model from scratch on the fit split (costly; approval by default)."""
 
@@ -90,19 +80,23 @@ class FullRetrainIntervention(Intervention):
     expected_time_s = 600.0
     classifier_only = False
 
-    def _preset(self, ctx: TreatmentContext, params: dict[str, Any]) -> tuple[str | None, str]:
-        if params["preset"] is not None:
-            return params["preset"], "the 'preset' parameter"
+    class Params(InterventionParams):
+        """``params.full_retrain``: the architecture (None: the bundle's own preset) and the training schedule."""
+
+        preset: Annotated[str | None, AfterValidator(_check_preset)] = None
+        epochs: int = Field(5, ge=1, le=1000)
+        lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)
+        batch_size: int = Field(32, ge=1, le=4096)
+        val_fraction: float = Field(0.15, gt=0.0, le=1.0, allow_inf_nan=False)
+        patience: int = Field(3, ge=1)
+        augment: bool = True
+
+    def _preset(self, ctx: TreatmentContext, params: FullRetrainIntervention.Params) -> tuple[str | None, str]:
+        if params.preset is not None:
+            return params.preset, "the 'preset' parameter"
         return preset_of(ctx.bundle, ctx.parent)
 
-    def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
-        ok, why = super().applicable(ctx)
-        if not ok:
-            return ok, why
-        try:
-            params = resolve_params(self.name, dict(ctx.params), PARAMS)
-        except InterventionError as exc:
-            return False, str(exc)
+    def _applicable(self, ctx: TreatmentContext, params: FullRetrainIntervention.Params) -> tuple[bool, str]:
         if list(ctx.bundle.labels) != list(CHEXNET_LABELS):
             return False, (f"retraining produces the 14 CheXNet outputs; this model has {len(ctx.bundle.labels)} "
                            "outputs in another layout")
@@ -119,16 +113,16 @@ class FullRetrainIntervention(Intervention):
                       f"{len(ctx.fit_dataset)} images (preset from {source})")
 
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
-        params = resolve_params(self.name, dict(ctx.params), PARAMS)
+        params = self.read_params(ctx.params)
         preset, source = self._preset(ctx, params)
         if preset is None:
             raise InterventionError(f"full_retrain: cannot tell which architecture to retrain: {source}")
         size = ctx.bundle.meta.input_size
         try:
             trained, report = train_bundle(
-                ctx.fit_dataset, preset=preset, image_size=size, epochs=params["epochs"], seed=ctx.seed,
-                batch_size=params["batch_size"], lr=params["lr"], val_fraction=params["val_fraction"],
-                patience=params["patience"], augment=params["augment"], progress=ctx.progress,
+                ctx.fit_dataset, preset=preset, image_size=size, epochs=params.epochs, seed=ctx.seed,
+                batch_size=params.batch_size, lr=params.lr, val_fraction=params.val_fraction,
+                patience=params.patience, augment=params.augment, progress=ctx.progress,
             )
         except DataError as exc:
             raise InterventionError(f"full_retrain: cannot train on the fit split: {exc}") from exc
@@ -136,9 +130,9 @@ class FullRetrainIntervention(Intervention):
         recipe = {
             "op": "full_retrain",
             "preset": preset, "preset_source": source, "image_size": size, "seed": ctx.seed,
-            "epochs": params["epochs"], "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"],
-            "lr": params["lr"], "batch_size": params["batch_size"], "val_fraction": params["val_fraction"],
-            "patience": params["patience"], "augment": params["augment"],
+            "epochs": params.epochs, "epochs_run": report["epochs_run"], "best_epoch": report["best_epoch"],
+            "lr": params.lr, "batch_size": params.batch_size, "val_fraction": params.val_fraction,
+            "patience": params.patience, "augment": params.augment,
             "data_manifest_hash": ctx.fit_dataset.manifest_hash(), "n_images": len(ctx.fit_dataset),
             "replaces_compressed": was_compressed,
             "result_weights_hash": trained.weights_hash(),

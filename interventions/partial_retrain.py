@@ -26,51 +26,42 @@ Rows are independent given the features, so all rows are fitted in one joint L-B
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator, Field
 from scipy.optimize import minimize
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from engine.core.errors import InterventionError
+from engine.core.validation import show_value
 from interventions.attribution import (
-    check_features_match, choice_param, classifier_layer, evidence_members, float_param, head_logits, int_param,
-    output_index,
-    resolve_params, truth_index,
+    check_features_match, classifier_layer, evidence_members, head_logits, output_index, truth_index,
 )
-from interventions.base import Intervention, InterventionResult, TreatmentContext, register
+from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
+from model.bundle import Bundle
 from model.labels import CHEXNET_LABELS
 from model.metrics import auroc, confusion_at, sigmoid, youden_threshold
 
 __all__ = ["PartialRetrainIntervention", "fit_head", "patient_folds", "retrain_rows", "keep_sensitivity_threshold"]
 
 
-def _l2_param(value: Any) -> Any:
-    if value == "auto":
-        return "auto"
-    return float_param(0.0)(value)
+def _check_l2(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                           and np.isfinite(value) and value >= 0):
+        return value
+    raise ValueError(f"must be 'auto' or a number >= 0, got {show_value(value)}")
 
 
-def _grid_param(value: Any) -> tuple[float, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError("a non-empty list of numbers >= 0")
-    return tuple(sorted((float_param(0.0)(v) for v in value), reverse=True))
-
-
-PARAMS = {
-    "scope": ("label", choice_param("label", "all")),
-    "l2": ("auto", _l2_param),
-    "l2_grid": ((1.0, 0.1, 0.01, 0.001), _grid_param),
-    "class_weight": ("none", choice_param("none", "balanced")),
-    "cluster_weight": (1.0, float_param(0.0)),
-    "max_iter": (200, int_param(1, 10_000)),
-    "folds": (3, int_param(2, 20)),
-    "threshold": ("oof", choice_param("oof", "fit")),
-    "threshold_rule": ("auto", choice_param("auto", "youden", "keep_sensitivity")),
-    "min_positives": (10, int_param(2)),
-}
+def _check_grid(value: Any) -> tuple[float, ...]:
+    """A non-empty list of numbers >= 0, as a tuple from the largest down (the tie-break prefers it)."""
+    ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0 for v in value)
+    if not ok:
+        raise ValueError(f"must be a non-empty list of numbers >= 0, got {show_value(value)}")
+    return tuple(sorted((float(v) for v in value), reverse=True))
 
 
 def patient_folds(patient_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -144,24 +135,24 @@ def _weights(y: np.ndarray, class_weight: str, extra: np.ndarray | None) -> np.n
 
 def retrain_rows(
     x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray, active: np.ndarray, groups: np.ndarray, *,
-    params: dict[str, Any], seed: int, extra_weight: np.ndarray | None = None,
+    params: PartialRetrainIntervention.Params, seed: int, extra_weight: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The partial-retraining recipe on arrays (see the module docstring); returns rows, l2 and OOF logits."""
     k_rows = len(w0)
-    grid = (params["l2"],) if params["l2"] != "auto" else params["l2_grid"]
-    folds = patient_folds(groups, params["folds"], seed)
+    grid = (params.l2,) if params.l2 != "auto" else params.l2_grid
+    folds = patient_folds(groups, params.folds, seed)
     init_logits = x @ w0.T + b0
     oof = {g: np.array(init_logits, dtype=np.float64) for g in grid}
-    for f in range(params["folds"]):
+    for f in range(params.folds):
         tr, te = folds != f, folds == f
         if not te.any() or not tr.any():
             continue
         y_tr = y[tr]
         fold_active = active & (y_tr.sum(axis=0) > 0) & (y_tr.sum(axis=0) < len(y_tr))
-        sw = _weights(y_tr, params["class_weight"], None if extra_weight is None else extra_weight[tr])
+        sw = _weights(y_tr, params.class_weight, None if extra_weight is None else extra_weight[tr])
         for g in grid:
             w, b = fit_head(x[tr], y_tr, w0, b0, l2=np.full(k_rows, g), sample_weight=sw, active=fold_active,
-                            max_iter=params["max_iter"])
+                            max_iter=params.max_iter)
             oof[g][te] = x[te] @ w.T + b
     init_bce = _bce(y, init_logits)
     oof_bce = {g: _bce(y, oof[g]) for g in grid}
@@ -171,11 +162,11 @@ def retrain_rows(
         scores = [oof_bce[g][k] for g in grid]
         best = int(np.argmin(scores))  # first minimum: the largest l2 among ties
         chosen_l2[k] = grid[best]
-        if params["l2"] == "auto" and not scores[best] < init_bce[k]:
+        if params.l2 == "auto" and not scores[best] < init_bce[k]:
             keep[k] = True  # no retrained row beats the current one out of fold
     fit_active = active & ~keep
-    sw = _weights(y, params["class_weight"], extra_weight)
-    w, b = fit_head(x, y, w0, b0, l2=chosen_l2, sample_weight=sw, active=fit_active, max_iter=params["max_iter"])
+    sw = _weights(y, params.class_weight, extra_weight)
+    w, b = fit_head(x, y, w0, b0, l2=chosen_l2, sample_weight=sw, active=fit_active, max_iter=params.max_iter)
     oof_chosen = np.array(init_logits, dtype=np.float64)
     for k in np.flatnonzero(fit_active):
         oof_chosen[:, k] = oof[chosen_l2[k]][:, k]
@@ -208,7 +199,6 @@ def _rows_hash(w: np.ndarray, b: np.ndarray) -> str:
     return h.hexdigest()
 
 
-@register
 class PartialRetrainIntervention(Intervention):
     """Re-fit classifier rows on cached features with an L2 pull toward the current weights."""
 
@@ -217,8 +207,22 @@ class PartialRetrainIntervention(Intervention):
     expected_time_s = 5.0
     classifier_only = True
 
-    def _targets(self, ctx: TreatmentContext, params: dict[str, Any]) -> list[str]:
-        if params["scope"] == "label" and ctx.fact.label is not None:
+    class Params(InterventionParams):
+        """``params.partial_retrain`` (``min_positives`` defaults to ``conditions.partial_retrain.min_positives``)."""
+
+        scope: Literal["label", "all"] = "label"
+        l2: Annotated[Literal["auto"] | float, BeforeValidator(_check_l2)] = "auto"
+        l2_grid: Annotated[tuple[float, ...], BeforeValidator(_check_grid)] = (1.0, 0.1, 0.01, 0.001)
+        class_weight: Literal["none", "balanced"] = "none"
+        cluster_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+        max_iter: int = Field(200, ge=1, le=10_000)
+        folds: int = Field(3, ge=2, le=20)
+        threshold: Literal["oof", "fit"] = "oof"
+        threshold_rule: Literal["auto", "youden", "keep_sensitivity"] = "auto"
+        min_positives: int = Field(10, ge=2)
+
+    def _targets(self, ctx: TreatmentContext, params: PartialRetrainIntervention.Params) -> list[str]:
+        if params.scope == "label" and ctx.fact.label is not None:
             return [ctx.fact.label]
         return [name for name in ctx.bundle.labels if name in CHEXNET_LABELS]
 
@@ -230,12 +234,8 @@ class PartialRetrainIntervention(Intervention):
                            f"needs at least {min_positives} of each (min_positives)")
         return True, ""
 
-    def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
-        ok, why = super().applicable(ctx)
-        if not ok:
-            return ok, why
+    def _applicable(self, ctx: TreatmentContext, params: PartialRetrainIntervention.Params) -> tuple[bool, str]:
         try:
-            params = resolve_params(self.name, dict(ctx.params), PARAMS)
             head = classifier_layer(ctx.bundle)
             targets = self._targets(ctx, params)
             for label in targets:
@@ -247,22 +247,22 @@ class PartialRetrainIntervention(Intervention):
             return False, f"the fit split's features (shape {ctx.fit.features.shape}) do not fit the classifier"
         eligible = []
         for label in targets:
-            ok, why = self._eligible(ctx, label, params["min_positives"])
+            ok, why = self._eligible(ctx, label, params.min_positives)
             if ok:
                 eligible.append(label)
-            elif params["scope"] == "label":
+            elif params.scope == "label":
                 return False, why
         if not eligible:
-            return False, f"no label has at least {params['min_positives']} positives and negatives in the fit split"
+            return False, f"no label has at least {params.min_positives} positives and negatives in the fit split"
         n_params = len(eligible) * (head.in_features + 1)
         return True, (f"partial_retrain re-fits {len(eligible)} classifier row(s) ({n_params:,} parameters) on the "
                       f"fit split's cached features")
 
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
-        params = resolve_params(self.name, dict(ctx.params), PARAMS)
+        params = self.read_params(ctx.params)
         check_features_match(ctx.bundle, ctx.fit)
         head = classifier_layer(ctx.bundle)
-        targets = [l for l in self._targets(ctx, params) if self._eligible(ctx, l, params["min_positives"])[0]]
+        targets = [l for l in self._targets(ctx, params) if self._eligible(ctx, l, params.min_positives)[0]]
         if not targets:
             raise InterventionError("partial_retrain: no label with enough positives and negatives in the fit split")
         rows = [output_index(ctx.bundle, l) for l in targets]
@@ -271,69 +271,19 @@ class PartialRetrainIntervention(Intervention):
         y = ctx.fit.labels[:, truth].astype(np.float64)
         w_all = head.weight.detach().cpu().to(torch.float64).numpy()
         b_all = head.bias.detach().cpu().to(torch.float64).numpy() if head.bias is not None else np.zeros(len(w_all))
-        w0, b0 = w_all[rows], b_all[rows]
-        extra = None
-        members = evidence_members(ctx.fact.evidence)
-        if ctx.fact.kind == "fp_cluster" and members and params["cluster_weight"] != 1.0 and ctx.fact.label in targets:
-            extra = np.ones_like(y)
-            in_cluster = np.array([n in members for n in ctx.fit.image_names])
-            extra[in_cluster, targets.index(ctx.fact.label)] = params["cluster_weight"]
-        out = retrain_rows(x, y, w0, b0, np.ones(len(rows), dtype=bool), ctx.fit.patient_ids,
+        extra = _cluster_weights(ctx, params, targets, y)
+        out = retrain_rows(x, y, w_all[rows], b_all[rows], np.ones(len(rows), dtype=bool), ctx.fit.patient_ids,
                            params=params, seed=ctx.seed, extra_weight=extra)
-
-        new = ctx.bundle.copy()
-        new_head = classifier_layer(new)
-        with torch.no_grad():
-            for j, k in enumerate(rows):
-                new_head.weight[k] = torch.from_numpy(out["w"][j]).to(new_head.weight.dtype)
-                if new_head.bias is not None:
-                    new_head.bias[k] = float(out["b"][j])
-        after = head_logits(new, ctx.fit.features)
-        before = ctx.fit.logits
+        new = _with_rows(ctx.bundle, rows, out["w"], out["b"])
         thresholds = list(ctx.bundle.meta.thresholds)
-        fit_metrics: dict[str, Any] = {}
-        per_label: list[dict[str, Any]] = []
-        for j, (label, k) in enumerate(zip(targets, rows)):
-            yj = y[:, j]
-            if out["trained"][j]:
-                source = out["oof_logits"][:, j] if params["threshold"] == "oof" else after[:, k]
-            else:
-                source = after[:, k]  # an unchanged row was not trained on these rows: in-sample is honest
-            old_thr = float(thresholds[k])
-            source_p = sigmoid(np.asarray(source, dtype=np.float64))
-            rule = params["threshold_rule"]
-            if rule == "auto":
-                rule = "keep_sensitivity" if ctx.fact.kind == "fp_cluster" else "youden"
-            new_thr = None
-            if rule == "keep_sensitivity":
-                sens = confusion_at(yj, sigmoid(before[:, k].astype(np.float64)), old_thr)["sensitivity"]
-                new_thr = keep_sensitivity_threshold(yj, source_p, sens)
-                if new_thr is None:
-                    rule = "youden"  # nothing to keep (no positive detected before)
-            if new_thr is None:
-                new_thr = youden_threshold(yj.astype(int), source_p)
-            thresholds[k] = new_thr
-            fit_metrics[label] = {
-                "before": _metrics(yj, before[:, k], old_thr),
-                "after": _metrics(yj, after[:, k], new_thr),
-                "out_of_fold_after": _metrics(yj, out["oof_logits"][:, j], new_thr),
-                "bce": {"before": float(out["init_bce"][j]),
-                        "after_out_of_fold": float(_bce(yj[:, None], out["oof_logits"][:, j:j + 1])[0])},
-            }
-            per_label.append({"label": label, "row": k, "retrained": bool(out["trained"][j]),
-                              "l2": float(out["l2"][j]), "old_threshold": old_thr, "new_threshold": new_thr,
-                              "threshold_rule": rule})
-        if not out["trained"].any():
-            kept = ", ".join(targets)
-            note = f"no retrained row beat the current one out of fold ({kept}); only thresholds were refitted"
-        else:
-            note = ""
+        fit_metrics, per_label = _refit_thresholds(ctx, params, targets, rows, y, out, head_logits(new, ctx.fit.features),
+                                                   thresholds)
         recipe = {
             "op": "retrain_classifier_rows",
             "rows": rows,
             "labels": targets,
             "method": "lbfgs_bce_l2_to_init",
-            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()},
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.model_dump().items()},
             "l2_chosen": [float(v) for v in out["l2"]],
             "retrained": [bool(v) for v in out["trained"]],
             "thresholds": {l: float(thresholds[k]) for l, k in zip(targets, rows)},
@@ -348,6 +298,78 @@ class PartialRetrainIntervention(Intervention):
         new = new.with_meta(thresholds=thresholds, history=history, parent_hash=ctx.bundle.content_hash())
         changes = {**recipe, "per_label": per_label,
                    "n_parameters": int(out["trained"].sum()) * (head.in_features + 1)}
-        if note:
-            changes["note"] = note
+        if not out["trained"].any():
+            changes["note"] = (f"no retrained row beat the current one out of fold ({', '.join(targets)}); only "
+                               "thresholds were refitted")
         return InterventionResult(bundle=new, changes=changes, fit_metrics=fit_metrics, classifier_only=True)
+
+
+def _cluster_weights(ctx: TreatmentContext, params: PartialRetrainIntervention.Params, targets: list[str],
+                     y: np.ndarray) -> np.ndarray | None:
+    """Per-sample weights that give an fp_cluster fact's members ``cluster_weight`` in its label's row."""
+    members = evidence_members(ctx.fact.evidence)
+    if ctx.fact.kind == "fp_cluster" and members and params.cluster_weight != 1.0 and ctx.fact.label in targets:
+        extra = np.ones_like(y)
+        in_cluster = np.array([n in members for n in ctx.fit.image_names])
+        extra[in_cluster, targets.index(ctx.fact.label)] = params.cluster_weight
+        return extra
+    return None
+
+
+def _with_rows(bundle: Bundle, rows: list[int], w: np.ndarray, b: np.ndarray) -> Bundle:
+    """A copy of ``bundle`` whose classifier rows ``rows`` are ``w`` and ``b``."""
+    new = bundle.copy()
+    new_head = classifier_layer(new)
+    with torch.no_grad():
+        for j, k in enumerate(rows):
+            new_head.weight[k] = torch.from_numpy(w[j]).to(new_head.weight.dtype)
+            if new_head.bias is not None:
+                new_head.bias[k] = float(b[j])
+    return new
+
+
+def _refit_threshold(params: PartialRetrainIntervention.Params, kind: str, y: np.ndarray, source_p: np.ndarray,
+                     before_logits: np.ndarray, old_thr: float) -> tuple[float, str]:
+    """The new operating threshold of one row, and the rule that gave it (see ``threshold_rule``)."""
+    rule = params.threshold_rule
+    if rule == "auto":
+        rule = "keep_sensitivity" if kind == "fp_cluster" else "youden"
+    new_thr = None
+    if rule == "keep_sensitivity":
+        sens = confusion_at(y, sigmoid(before_logits.astype(np.float64)), old_thr)["sensitivity"]
+        new_thr = keep_sensitivity_threshold(y, source_p, sens)
+        if new_thr is None:
+            rule = "youden"  # nothing to keep (no positive detected before)
+    if new_thr is None:
+        new_thr = youden_threshold(y.astype(int), source_p)
+    return new_thr, rule
+
+
+def _refit_thresholds(ctx: TreatmentContext, params: PartialRetrainIntervention.Params, targets: list[str],
+                      rows: list[int], y: np.ndarray, out: dict[str, Any], after: np.ndarray,
+                      thresholds: list[float]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Refit each target's threshold into ``thresholds``; return the fit metrics and the per-label record."""
+    before = ctx.fit.logits
+    fit_metrics: dict[str, Any] = {}
+    per_label: list[dict[str, Any]] = []
+    for j, (label, k) in enumerate(zip(targets, rows)):
+        yj = y[:, j]
+        if out["trained"][j]:
+            source = out["oof_logits"][:, j] if params.threshold == "oof" else after[:, k]
+        else:
+            source = after[:, k]  # an unchanged row was not trained on these rows: in-sample is honest
+        old_thr = float(thresholds[k])
+        source_p = sigmoid(np.asarray(source, dtype=np.float64))
+        new_thr, rule = _refit_threshold(params, ctx.fact.kind, yj, source_p, before[:, k], old_thr)
+        thresholds[k] = new_thr
+        fit_metrics[label] = {
+            "before": _metrics(yj, before[:, k], old_thr),
+            "after": _metrics(yj, after[:, k], new_thr),
+            "out_of_fold_after": _metrics(yj, out["oof_logits"][:, j], new_thr),
+            "bce": {"before": float(out["init_bce"][j]),
+                    "after_out_of_fold": float(_bce(yj[:, None], out["oof_logits"][:, j:j + 1])[0])},
+        }
+        per_label.append({"label": label, "row": k, "retrained": bool(out["trained"][j]),
+                          "l2": float(out["l2"][j]), "old_threshold": old_thr, "new_threshold": new_thr,
+                          "threshold_rule": rule})
+    return fit_metrics, per_label

@@ -28,13 +28,15 @@ recalibrated probabilities. Both steps are in the bundle's history (``shift_logi
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from engine.core.errors import InterventionError
-from interventions.base import Intervention, InterventionResult, TreatmentContext, register
+from engine.core.validation import LocatedError
+from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
 from model.labels import CHEXNET_LABELS
 from model.metrics import confusion_at, expected_calibration_error, sigmoid, youden_threshold
 
@@ -133,40 +135,10 @@ def fit_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden", **pa
                             f"Got {method!r} instead.")
 
 
-def _check_params(params: dict[str, Any]) -> dict[str, Any]:
-    known = {"method", "target", "fn_cost", "fp_cost", "scope"}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise InterventionError(f"threshold: unknown parameter(s) {unknown}; expected some of {sorted(known)}")
-    method = params.get("method", "youden")
-    if method not in METHODS:
-        raise InterventionError(f"The 'method' parameter of threshold must be one of {', '.join(METHODS)}. "
-                                f"Got {method!r} instead.")
-    scope = params.get("scope", "label")
-    if scope not in ("label", "all"):
-        raise InterventionError(f"The 'scope' parameter of threshold must be 'label' or 'all'. Got {scope!r} instead.")
-    out: dict[str, Any] = {"method": method, "scope": scope}
-    if method == "fixed_sensitivity":
-        target = params.get("target")
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
-            raise InterventionError("The 'target' parameter of threshold (method fixed_sensitivity) must be a number "
-                                    f"in (0, 1]. Got {target!r} instead.")
-        out["target"] = float(target)
-    if method == "cost_weighted":
-        for key in ("fn_cost", "fp_cost"):
-            value = params.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
-                raise InterventionError(f"The '{key}' parameter of threshold (method cost_weighted) must be a "
-                                        f"positive number. Got {value!r} instead.")
-            out[key] = float(value)
-    return out
-
-
 def _truth_column(label: str) -> int | None:
     return CHEXNET_LABELS.index(label) if label in CHEXNET_LABELS else None
 
 
-@register
 class ThresholdIntervention(Intervention):
     """Refit per-label operating thresholds on the fit split (no weight changes)."""
 
@@ -175,36 +147,58 @@ class ThresholdIntervention(Intervention):
     expected_time_s = 0.5
     classifier_only = True
 
+    class Params(InterventionParams):
+        """``params.threshold``: how the operating point is chosen (see the module docstring)."""
+
+        method: Literal["youden", "fixed_sensitivity", "cost_weighted"] = "youden"
+        target: float | None = Field(None, gt=0, le=1)
+        fn_cost: float | None = Field(None, gt=0)
+        fp_cost: float | None = Field(None, gt=0)
+        scope: Literal["label", "all"] = "label"
+
+        @model_validator(mode="after")
+        def _method_needs(self) -> ThresholdIntervention.Params:
+            if self.method == "fixed_sensitivity" and self.target is None:
+                why = "required when method is fixed_sensitivity (a sensitivity in (0, 1])"
+                raise LocatedError([(("target",), why)])
+            if self.method == "cost_weighted":
+                missing = [k for k in ("fn_cost", "fp_cost") if getattr(self, k) is None]
+                if missing:
+                    raise LocatedError([((k,), "required when method is cost_weighted (a positive number)")
+                                        for k in missing])
+            return self
+
+        def method_args(self) -> dict[str, float]:
+            """The arguments :func:`fit_threshold` takes for ``method`` (recorded with the change)."""
+            if self.method == "fixed_sensitivity":
+                return {"target": float(self.target)}
+            if self.method == "cost_weighted":
+                return {"fn_cost": float(self.fn_cost), "fp_cost": float(self.fp_cost)}
+            return {}
+
     def _targets(self, ctx: TreatmentContext, scope: str) -> list[str]:
         if scope == "all":
             return [name for name in ctx.bundle.labels if _truth_column(name) is not None]
         return [ctx.fact.label] if ctx.fact.label is not None else []
 
-    def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
-        ok, why = super().applicable(ctx)
-        if not ok:
-            return ok, why
-        try:
-            params = _check_params(dict(ctx.params))
-        except InterventionError as exc:
-            return False, str(exc)
-        targets = self._targets(ctx, params["scope"])
+    def _applicable(self, ctx: TreatmentContext, params: ThresholdIntervention.Params) -> tuple[bool, str]:
+        targets = self._targets(ctx, params.scope)
         if not targets:
             return False, "the fact names no label and scope is 'label'"
         for label in targets:
             if label not in ctx.bundle.labels or _truth_column(label) is None:
                 return False, f"label {label!r} is not an output of this model with ground truth in the data"
-        if params["scope"] == "label":
+        if params.scope == "label":
             y = ctx.fit.labels[:, _truth_column(targets[0])]
             negatives_only = reference_fp_rate(ctx.fact, targets[0]) is not None
             if y.all() or not (y.any() or negatives_only):
                 return False, f"the fit split has only one class for {targets[0]} ({int(y.sum())}/{len(y)} positive)"
-        return True, f"threshold refits the {params['method']} operating point of {', '.join(targets)} on the fit split"
+        return True, f"threshold refits the {params.method} operating point of {', '.join(targets)} on the fit split"
 
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
-        params = _check_params(dict(ctx.params))
-        method = params["method"]
-        extra = {k: v for k, v in params.items() if k not in ("method", "scope")}
+        params = self.read_params(ctx.params)
+        method = params.method
+        extra = params.method_args()
         logits = np.asarray(ctx.fit.logits, dtype=np.float64).copy()
         thresholds = list(ctx.bundle.meta.thresholds)
         history = list(ctx.bundle.meta.history)
@@ -228,13 +222,13 @@ class ThresholdIntervention(Intervention):
         changed: list[dict[str, Any]] = []
         fit_metrics: dict[str, Any] = {}
         skipped: list[str] = []
-        for label in self._targets(ctx, params["scope"]):
+        for label in self._targets(ctx, params.scope):
             k_out = ctx.bundle.labels.index(label)
             y = ctx.fit.labels[:, _truth_column(label)]
             ref_fp = reference_fp_rate(ctx.fact, label)
             few = ref_fp is not None and int(y.sum()) < MIN_YOUDEN_POSITIVES
             if y.all() or not (y.any() or few):
-                if params["scope"] == "label":
+                if params.scope == "label":
                     raise InterventionError(f"threshold: the fit split has only one class for {label}")
                 skipped.append(label)
                 continue
@@ -261,6 +255,6 @@ class ThresholdIntervention(Intervention):
             raise InterventionError("threshold: no label had both classes in the fit split; nothing to refit")
         new_bundle = new_bundle.with_meta(thresholds=thresholds, history=history,
                                           parent_hash=ctx.bundle.content_hash())
-        changes = {"op": "set_threshold", "method": method, "scope": params["scope"], **extra,
+        changes = {"op": "set_threshold", "method": method, "scope": params.scope, **extra,
                    "thresholds": changed, "logit_shifts": shifts, "skipped_single_class": skipped}
         return InterventionResult(bundle=new_bundle, changes=changes, fit_metrics=fit_metrics, classifier_only=True)

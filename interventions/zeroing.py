@@ -37,31 +37,22 @@ to clear 90 % of the cluster, so a cap of 10 refuses there; the cap is a policy 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from engine.core.errors import InterventionError
 from interventions.attribution import (
     check_features_match, classifier_layer, classifier_row, contributions, evidence_channels, evidence_members,
-    choice_param, float_param, head_logits, int_param, logit_threshold, output_index, resolve_params, truth_index,
+    head_logits, logit_threshold, output_index, truth_index,
 )
-from interventions.base import Intervention, InterventionResult, TreatmentContext, register
+from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
+from model.bundle import Bundle
 from model.metrics import auroc, sigmoid
 
 __all__ = ["ZeroingIntervention", "ClusterOnFit", "resolve_cluster", "select_channels"]
-
-PARAMS = {
-    "max_channels": (10, int_param(1, 4096)),
-    "min_fp_removed_share": (0.5, float_param(0.0, 1.0)),
-    "max_tp_lost": (0, int_param(0)),
-    # A true positive counts as lost when zeroing pushes its logit below threshold + tp_margin.
-    "tp_margin": (0.0, float_param(0.0)),
-    "min_cluster": (3, int_param(1)),
-    # Mean ablation (see _apply): fold the zeroed channels' baseline contribution into the bias.
-    "compensate_bias": (True, choice_param(True, False)),
-}
-
 
 @dataclass(frozen=True)
 class ClusterOnFit:
@@ -165,7 +156,85 @@ def _label_auroc(y: np.ndarray, scores: np.ndarray) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-@register
+@dataclass(frozen=True)
+class _Effect:
+    """What the zeroed copy does to the label on the fit split (probabilities before/after)."""
+
+    before: np.ndarray  # logits, all outputs
+    after: np.ndarray
+    p_before: np.ndarray  # probabilities of the label
+    p_after: np.ndarray
+    removed: int  # cluster FPs now below the threshold
+    tp_lost: int
+    share: float
+
+
+def _baseline(features: np.ndarray, reference: np.ndarray, compensate_bias: bool) -> np.ndarray:
+    """Mean ablation: each channel's mean over the fit rows outside the cluster (zeros for plain zeroing).
+
+    A zeroed channel's baseline contribution moves into the bias, so only activity ABOVE the baseline is
+    removed and images without the artefact keep their logits on average.
+    """
+    if compensate_bias and len(reference):
+        return features[reference].astype(np.float64).mean(axis=0)
+    return np.zeros(features.shape[1])
+
+
+def _zero_row(bundle: Bundle, k_out: int, chosen: list[int], w: np.ndarray,
+              baseline: np.ndarray) -> tuple[Bundle, list[float], float, float]:
+    """A copy of ``bundle`` with ``chosen`` weights of row ``k_out`` zeroed and their baseline in the bias.
+
+    Returns the copy, the old weights, and the bias before and after (as stored, float32).
+    """
+    new = bundle.copy()
+    head = classifier_layer(new)
+    old_values = [float(v) for v in head.weight.detach()[k_out, chosen].cpu()]
+    bias_old = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0
+    bias_new = bias_old + float(np.dot(w[chosen], baseline[chosen]))
+    with torch.no_grad():
+        head.weight[k_out, chosen] = 0.0
+        if head.bias is not None:
+            head.bias[k_out] = bias_new
+        elif bias_new != bias_old:
+            raise InterventionError("zeroing: the classifier has no bias to take the channels' baseline; "
+                                    "use compensate_bias: false")
+    bias_new = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0  # as stored (float32)
+    return new, old_values, bias_old, bias_new
+
+
+def _effect(ctx: TreatmentContext, new: Bundle, k_out: int, cluster: ClusterOnFit, thr: float) -> _Effect:
+    """Logits and label probabilities before/after on the fit split; other labels must be bit-identical."""
+    feats = ctx.fit.features
+    before = ctx.fit.logits
+    after = head_logits(new, feats)
+    others = [j for j in range(before.shape[1]) if j != k_out]
+    if not np.array_equal(head_logits(ctx.bundle, feats)[:, others], after[:, others]):
+        raise InterventionError("zeroing: other labels' logits changed; the classifier is not a plain Linear")
+    p_before, p_after = sigmoid(before[:, k_out].astype(np.float64)), sigmoid(after[:, k_out].astype(np.float64))
+    removed = int((p_after[cluster.rows] < thr).sum())
+    tp_lost = int((p_after[cluster.tp_rows] < thr).sum())
+    return _Effect(before, after, p_before, p_after, removed, tp_lost, removed / len(cluster.rows))
+
+
+def _fit_metrics(label: str, y: np.ndarray, k_out: int, cluster: ClusterOnFit, effect: _Effect,
+                 thr: float) -> dict[str, Any]:
+    c_rows, tp_rows = cluster.rows, cluster.tp_rows
+    p_before, p_after = effect.p_before, effect.p_after
+    return {
+        label: {
+            "cluster_fp": {"before": int(len(c_rows)), "after": int(len(c_rows) - effect.removed)},
+            "cluster_fp_removed_share": effect.share,
+            "cluster_mean_delta_prob": float((p_after[c_rows] - p_before[c_rows]).mean()),
+            "fp": {"before": int(len(cluster.fp_rows)), "after": int(((p_after >= thr) & ~y).sum())},
+            "tp": {"before": int(len(tp_rows)), "after": int(len(tp_rows) - effect.tp_lost)},
+            "tp_mean_delta_prob": float((p_after[tp_rows] - p_before[tp_rows]).mean()) if len(tp_rows) else 0.0,
+            "auroc": {"before": _label_auroc(y, effect.before[:, k_out]),
+                      "after": _label_auroc(y, effect.after[:, k_out])},
+        },
+        "other_labels_logits_identical": True,
+    }
+
+
 class ZeroingIntervention(Intervention):
     """Zero the few classifier weights of one label that drive a false-positive cluster."""
 
@@ -174,15 +243,23 @@ class ZeroingIntervention(Intervention):
     expected_time_s = 2.0
     classifier_only = True
 
-    def applicable(self, ctx: TreatmentContext) -> tuple[bool, str]:
-        ok, why = super().applicable(ctx)
-        if not ok:
-            return ok, why
+    class Params(InterventionParams):
+        """``params.zeroing`` (``max_channels`` defaults to ``conditions.zeroing.max_channels``, see the policy)."""
+
+        max_channels: int = Field(10, ge=1, le=4096)
+        min_fp_removed_share: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+        max_tp_lost: int = Field(0, ge=0)
+        #: A true positive counts as lost when zeroing pushes its logit below threshold + tp_margin.
+        tp_margin: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+        min_cluster: int = Field(3, ge=1)
+        #: Mean ablation (see _apply): fold the zeroed channels' baseline contribution into the bias.
+        compensate_bias: bool = True
+
+    def _applicable(self, ctx: TreatmentContext, params: ZeroingIntervention.Params) -> tuple[bool, str]:
+        label = ctx.fact.label
+        if label is None:
+            return False, "the fact names no label; zeroing changes one label's classifier row"
         try:
-            params = resolve_params(self.name, dict(ctx.params), PARAMS)
-            label = ctx.fact.label
-            if label is None:
-                return False, "the fact names no label; zeroing changes one label's classifier row"
             output_index(ctx.bundle, label)
             truth_index(label)
             classifier_layer(ctx.bundle)
@@ -193,111 +270,76 @@ class ZeroingIntervention(Intervention):
             return False, "the fact carries neither cluster members nor classifier channels as evidence"
         if ctx.fit.features.ndim != 2 or ctx.fit.features.shape[1] != classifier_layer(ctx.bundle).in_features:
             return False, f"the fit split's features (shape {ctx.fit.features.shape}) do not fit the classifier"
-        cluster = resolve_cluster(ctx, params["min_cluster"])
+        cluster = resolve_cluster(ctx, params.min_cluster)
         if len(cluster.rows) == 0:
             return False, (f"the fit split has none of the cluster's false positives of {label} "
                            f"({len(cluster.fp_rows)} FPs of {label} in the fit split)")
         return True, (f"zeroing searches {label}'s classifier row for the channels behind {len(cluster.rows)} "
                       f"cluster false positives on the fit split")
 
+    def _choose(self, ctx: TreatmentContext, params: ZeroingIntervention.Params, cluster: ClusterOnFit,
+                w: np.ndarray, b: float, baseline: np.ndarray, tau: float) -> tuple[list[int], list[dict], str]:
+        """:func:`select_channels` on the fit split's contributions, centred on ``baseline``."""
+        feats = ctx.fit.features
+        y = ctx.fit.labels[:, truth_index(ctx.fact.label)].astype(bool)
+        logit64 = contributions(feats, w).sum(axis=1) + b
+        positives = np.flatnonzero(y)
+        centred = feats.astype(np.float64) - baseline
+        return select_channels(
+            contributions(centred[cluster.rows], w), logit64[cluster.rows],
+            contributions(centred[cluster.tp_rows], w), logit64[cluster.tp_rows],
+            contributions(centred[positives], w), tau,
+            max_channels=params.max_channels, max_tp_lost=params.max_tp_lost, tp_margin=params.tp_margin,
+        )
+
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
-        params = resolve_params(self.name, dict(ctx.params), PARAMS)
+        params = self.read_params(ctx.params)
         check_features_match(ctx.bundle, ctx.fit)
         label = ctx.fact.label
         k_out, w, b = classifier_row(ctx.bundle, label)
         y = ctx.fit.labels[:, truth_index(label)].astype(bool)
         thr = float(ctx.bundle.meta.thresholds[k_out])
         tau = logit_threshold(thr)
-        cluster = resolve_cluster(ctx, params["min_cluster"])
+        cluster = resolve_cluster(ctx, params.min_cluster)
         if len(cluster.rows) == 0:
             raise InterventionError(f"zeroing: no false positive of the {label} cluster in the fit split")
-        feats = ctx.fit.features
-        logit64 = contributions(feats, w).sum(axis=1) + b
-        positives = np.flatnonzero(y)
-        # Mean ablation: a zeroed channel's baseline contribution (its mean over the fit rows outside
-        # the cluster) moves into the bias, so only activity ABOVE the baseline is removed and images
-        # without the artefact keep their logits on average.
-        reference = np.setdiff1d(np.arange(len(feats)), cluster.rows)
-        if params["compensate_bias"] and len(reference):
-            baseline = feats[reference].astype(np.float64).mean(axis=0)
-        else:
-            baseline = np.zeros(feats.shape[1])
-        centred = feats.astype(np.float64) - baseline
-        chosen, trace, stop = select_channels(
-            contributions(centred[cluster.rows], w), logit64[cluster.rows],
-            contributions(centred[cluster.tp_rows], w), logit64[cluster.tp_rows],
-            contributions(centred[positives], w), tau,
-            max_channels=params["max_channels"], max_tp_lost=params["max_tp_lost"], tp_margin=params["tp_margin"],
-        )
+        reference = np.setdiff1d(np.arange(len(ctx.fit.features)), cluster.rows)
+        baseline = _baseline(ctx.fit.features, reference, params.compensate_bias)
+        chosen, trace, stop = self._choose(ctx, params, cluster, w, b, baseline, tau)
         if not chosen:
             raise InterventionError(
                 f"zeroing: no channel of {label}'s classifier row can be zeroed for the cluster's "
                 f"{len(cluster.rows)} false positives on the fit split: {stop}"
             )
         chosen = sorted(chosen)
-        new = ctx.bundle.copy()
-        head = classifier_layer(new)
-        old_values = [float(v) for v in head.weight.detach()[k_out, chosen].cpu()]
-        bias_old = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0
-        bias_new = bias_old + float(np.dot(w[chosen], baseline[chosen]))
-        with torch.no_grad():
-            head.weight[k_out, chosen] = 0.0
-            if head.bias is not None:
-                head.bias[k_out] = bias_new
-            elif bias_new != bias_old:
-                raise InterventionError("zeroing: the classifier has no bias to take the channels' baseline; "
-                                        "use compensate_bias: false")
-        bias_new = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0  # as stored (float32)
-
-        before = ctx.fit.logits
-        after = head_logits(new, feats)
-        others = [j for j in range(before.shape[1]) if j != k_out]
-        if not np.array_equal(head_logits(ctx.bundle, feats)[:, others], after[:, others]):
-            raise InterventionError("zeroing: other labels' logits changed; the classifier is not a plain Linear")
-        p_before, p_after = sigmoid(before[:, k_out].astype(np.float64)), sigmoid(after[:, k_out].astype(np.float64))
-        c_rows, tp_rows = cluster.rows, cluster.tp_rows
-        removed = int((p_after[c_rows] < thr).sum())
-        tp_lost = int((p_after[tp_rows] < thr).sum())
-        share = removed / len(c_rows)
-        if tp_lost > params["max_tp_lost"]:
-            raise InterventionError(f"zeroing: {tp_lost} true positives of {label} lost on the fit split "
-                                    f"(allowed {params['max_tp_lost']})")
-        if share < params["min_fp_removed_share"]:
+        new, old_values, bias_old, bias_new = _zero_row(ctx.bundle, k_out, chosen, w, baseline)
+        effect = _effect(ctx, new, k_out, cluster, thr)
+        if effect.tp_lost > params.max_tp_lost:
+            raise InterventionError(f"zeroing: {effect.tp_lost} true positives of {label} lost on the fit split "
+                                    f"(allowed {params.max_tp_lost})")
+        if effect.share < params.min_fp_removed_share:
             raise InterventionError(
-                f"zeroing: the best {len(chosen)} channel(s) remove only {removed}/{len(c_rows)} "
-                f"({share:.0%}) of the {label} cluster's false positives on the fit split without losing more than "
-                f"{params['max_tp_lost']} true positive(s) (search stopped: {stop}); the policy asks for at "
-                f"least {params['min_fp_removed_share']:.0%}"
+                f"zeroing: the best {len(chosen)} channel(s) remove only {effect.removed}/{len(cluster.rows)} "
+                f"({effect.share:.0%}) of the {label} cluster's false positives on the fit split without losing "
+                f"more than {params.max_tp_lost} true positive(s) (search stopped: {stop}); the policy asks for at "
+                f"least {params.min_fp_removed_share:.0%}"
             )
-        fp_all_after = int(((p_after >= thr) & ~y).sum())
-        history = list(ctx.bundle.meta.history)
         op = {"op": "zero_classifier_weights", "label": label, "row": k_out, "channels": chosen,
               "old_values": old_values, "value": 0.0, "bias_old": bias_old, "bias_new": bias_new,
               "baseline": (f"mean of the zeroed channels over {len(reference)} fit rows outside the cluster"
-                           if params["compensate_bias"] else "none (plain zeroing)")}
-        history.append(op)
+                           if params.compensate_bias else "none (plain zeroing)")}
+        history = list(ctx.bundle.meta.history) + [op]
         new = new.with_meta(history=history, parent_hash=ctx.bundle.content_hash())
-        ev_channels = evidence_channels(ctx.fact.evidence)
         changes = {
             **op,
             "n_channels": len(chosen),
             "selection": trace,
             "stopped": stop,
-            "cluster": {"how": cluster.how, "n_fit_rows": int(len(c_rows)),
+            "cluster": {"how": cluster.how, "n_fit_rows": int(len(cluster.rows)),
                         "n_members_present": cluster.n_members_present,
-                        "evidence_channels_chosen": sorted(set(chosen) & set(ev_channels))},
-            "params": params,
+                        "evidence_channels_chosen": sorted(set(chosen) & set(evidence_channels(ctx.fact.evidence)))},
+            "params": params.model_dump(),
         }
-        fit_metrics = {
-            label: {
-                "cluster_fp": {"before": int(len(c_rows)), "after": int(len(c_rows) - removed)},
-                "cluster_fp_removed_share": share,
-                "cluster_mean_delta_prob": float((p_after[c_rows] - p_before[c_rows]).mean()),
-                "fp": {"before": int(len(cluster.fp_rows)), "after": fp_all_after},
-                "tp": {"before": int(len(tp_rows)), "after": int(len(tp_rows) - tp_lost)},
-                "tp_mean_delta_prob": float((p_after[tp_rows] - p_before[tp_rows]).mean()) if len(tp_rows) else 0.0,
-                "auroc": {"before": _label_auroc(y, before[:, k_out]), "after": _label_auroc(y, after[:, k_out])},
-            },
-            "other_labels_logits_identical": True,
-        }
-        return InterventionResult(bundle=new, changes=changes, fit_metrics=fit_metrics, classifier_only=True)
+        return InterventionResult(bundle=new, changes=changes, fit_metrics=_fit_metrics(label, y, k_out, cluster,
+                                                                                        effect, thr),
+                                  classifier_only=True)

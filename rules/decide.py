@@ -38,7 +38,7 @@ from typing import Any
 from durable import engine as durable_engine
 
 from engine.core.facts import IssueFact
-from rules.policy import NO_ACTION, Policy
+from rules.policy.schema import NO_ACTION, Policy
 from rules.ruleset import build_ruleset, issue_record, ruleset_name
 
 __all__ = ["Candidate", "Decision", "RuleEngineError", "decide", "ESCALATE_RULE", "format_duration"]
@@ -245,59 +245,70 @@ def decide(
     exclude = exclude or {}
     actionable = [(seq, f) for seq, f in enumerate(facts) if f.actionable]
     records = [issue_record(f, seq=seq, run_id=run_id, policy=policy, context=context) for seq, f in actionable]
-    results = _run_rules(records, policy, run_id)
+    proposed, blocked = _by_fact(_run_rules(records, policy, run_id), actionable)
+    return [_decision(fact, proposed.get(seq, []), blocked.get(seq, []), set(exclude.get(fact.fact_id, ())), policy)
+            for seq, fact in actionable]
 
+
+def _by_fact(results: list[dict[str, Any]], actionable: list[tuple[int, IssueFact]],
+             ) -> tuple[dict[int, list[dict[str, Any]]], dict[int, list[dict[str, Any]]]]:
+    """The session's candidate and blocked facts grouped by the position of the issue they answer.
+
+    Every asserted issue must have been acknowledged (``received``), or the decisions would be incomplete.
+    """
     proposed: dict[int, list[dict[str, Any]]] = {}
-    blocked_raw: dict[int, list[dict[str, Any]]] = {}
+    blocked: dict[int, list[dict[str, Any]]] = {}
     received: set[int] = set()
     for item in results:
         t = item.get("t")
         if t == "candidate":
             proposed.setdefault(int(item["seq"]), []).append(item)
         elif t == "blocked":
-            blocked_raw.setdefault(int(item["seq"]), []).append(item)
+            blocked.setdefault(int(item["seq"]), []).append(item)
         elif t == "received":
             received.add(int(item["seq"]))
-    missing = [seq for seq, _ in actionable if seq not in received]
+    missing = [fact for seq, fact in actionable if seq not in received]
     if missing:
         raise RuleEngineError(f"the rule engine did not acknowledge {len(missing)} fact(s), e.g. "
-                              f"{facts[missing[0]].fact_id}; decisions would be incomplete")
+                              f"{missing[0].fact_id}; decisions would be incomplete")
+    return proposed, blocked
 
-    decisions = []
-    for seq, fact in actionable:
-        tried = set(exclude.get(fact.fact_id, ()))
-        needs = policy.needs_approval
-        all_candidates = {
-            item["intervention"]: Candidate(
-                fact_id=fact.fact_id, kind=fact.kind, label=fact.label, intervention=item["intervention"],
-                cost=policy.cost(item["intervention"], fact.label),
-                expected_time_s=policy.expected_time(item["intervention"]), rule=item["rule"],
-                reason=item["reason"], needs_approval=needs(policy.cost(item["intervention"], fact.label)))
-            for item in proposed.get(seq, [])
-        }
-        candidates = sorted((c for name, c in all_candidates.items() if name not in tried), key=lambda c: c.sort_key)
-        excluded = sorted(name for name in tried if name in all_candidates)
-        blocked = sorted({(b["intervention"], b["rule"], b["reason"]) for b in blocked_raw.get(seq, [])})
-        blocked_list = [Blocked(*b) for b in blocked]
-        if candidates:
-            chosen: Candidate | None = candidates[0]
-        else:
-            chosen = None
-            why = [f"{b.intervention}: {b.reason}" for b in blocked_list]
-            why += [f"{name}: already tried and rejected" for name in excluded]
-            if not policy.treatments_for(fact.kind):
-                why.append(f"the policy allows no treatment for {fact.kind}")
-            candidates = [Candidate(
-                fact_id=fact.fact_id, kind=fact.kind, label=fact.label, intervention=NO_ACTION,
-                cost=policy.cost(NO_ACTION, fact.label), expected_time_s=policy.expected_time(NO_ACTION),
-                rule=ESCALATE_RULE, reason="no rule proposed a treatment: " + ("; ".join(why) or "no rule matched"),
-                needs_approval=False)]
-        decisions.append(Decision(
-            fact=fact,
-            candidates=tuple(candidates),
-            chosen=chosen,
-            rationale=_rationale(fact, candidates if chosen else [], chosen, blocked_list, excluded, policy),
-            blocked=tuple(blocked_list),
-            excluded=tuple(excluded),
-        ))
-    return decisions
+
+def _escalation(fact: IssueFact, blocked: list[Blocked], excluded: list[str], policy: Policy) -> Candidate:
+    """The no_action candidate recorded when no rule proposed a treatment, with every reason why."""
+    why = [f"{b.intervention}: {b.reason}" for b in blocked]
+    why += [f"{name}: already tried and rejected" for name in excluded]
+    if not policy.treatments_for(fact.kind):
+        why.append(f"the policy allows no treatment for {fact.kind}")
+    return Candidate(
+        fact_id=fact.fact_id, kind=fact.kind, label=fact.label, intervention=NO_ACTION,
+        cost=policy.cost(NO_ACTION, fact.label), expected_time_s=policy.expected_time(NO_ACTION),
+        rule=ESCALATE_RULE, reason="no rule proposed a treatment: " + ("; ".join(why) or "no rule matched"),
+        needs_approval=False)
+
+
+def _decision(fact: IssueFact, proposed: list[dict[str, Any]], blocked_raw: list[dict[str, Any]], tried: set[str],
+              policy: Policy) -> Decision:
+    """Select among one fact's candidates: cheapest first, the tried ones left out, escalation when none is left."""
+    all_candidates = {
+        item["intervention"]: Candidate(
+            fact_id=fact.fact_id, kind=fact.kind, label=fact.label, intervention=item["intervention"],
+            cost=policy.cost(item["intervention"], fact.label),
+            expected_time_s=policy.expected_time(item["intervention"]), rule=item["rule"],
+            reason=item["reason"], needs_approval=policy.needs_approval(policy.cost(item["intervention"], fact.label)))
+        for item in proposed
+    }
+    candidates = sorted((c for name, c in all_candidates.items() if name not in tried), key=lambda c: c.sort_key)
+    excluded = sorted(name for name in tried if name in all_candidates)
+    blocked = [Blocked(*b) for b in sorted({(b["intervention"], b["rule"], b["reason"]) for b in blocked_raw})]
+    chosen: Candidate | None = candidates[0] if candidates else None
+    if chosen is None:
+        candidates = [_escalation(fact, blocked, excluded, policy)]
+    return Decision(
+        fact=fact,
+        candidates=tuple(candidates),
+        chosen=chosen,
+        rationale=_rationale(fact, candidates if chosen else [], chosen, blocked, excluded, policy),
+        blocked=tuple(blocked),
+        excluded=tuple(excluded),
+    )

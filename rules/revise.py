@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from engine.core.errors import DataError
-from rules.policy import NO_ACTION, Policy, parse_policy
+from rules.policy.load import parse_policy
+from rules.policy.schema import NO_ACTION, Policy
 
 __all__ = ["TIME_TIERS", "OUTCOMES", "CostRevision", "RevisedCosts", "revise_costs", "rewrite_costs"]
 
@@ -120,6 +121,28 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def _revise_one(name: str, old: float, items: list[dict[str, Any]], *, scale: float, min_observations: int,
+                failure_penalty: float) -> CostRevision:
+    """One intervention's row: what was measured and the cost proposed from it (see the module docstring)."""
+    counts = {k: sum(1 for o in items if o["outcome"] == k) for k in OUTCOMES}
+    times = [o["wall_time_s"] for o in items if o["wall_time_s"] is not None]
+    judged = counts["accepted"] + counts["rejected"] + counts["error"]
+    failure = (counts["rejected"] + counts["error"]) / judged if judged else None
+    median = statistics.median(times) if times else None
+    if len(times) < min_observations:
+        new, reason = old, (f"kept: {len(times)} timed attempt(s), fewer than the {min_observations} needed"
+                            if items else "kept: never attempted")
+    else:
+        base = _tier(median)
+        raw = base * (1.0 + failure_penalty * (failure or 0.0)) * scale
+        new = max(1.0, _round_half_up(raw))
+        reason = (f"median {median:.3g} s -> tier {_fmt(base)}; failure rate "
+                  f"{'n/a' if failure is None else f'{failure:.0%}'} -> x{1 + failure_penalty * (failure or 0):.2f}"
+                  f"; x{scale:.2g} policy scale = {raw:.2f} -> {_fmt(new)}")
+    return CostRevision(name, len(items), counts["accepted"], counts["rejected"], counts["error"],
+                        median, failure, float(old), float(new), reason)
+
+
 def revise_costs(
     policy: Policy,
     observations: Iterable[Mapping[str, Any]],
@@ -148,27 +171,8 @@ def revise_costs(
             continue
         by_name.setdefault(o["intervention"], []).append(o)
 
-    rows = []
-    for name, old in real.items():
-        items = by_name.get(name, [])
-        counts = {k: sum(1 for o in items if o["outcome"] == k) for k in OUTCOMES}
-        times = [o["wall_time_s"] for o in items if o["wall_time_s"] is not None]
-        judged = counts["accepted"] + counts["rejected"] + counts["error"]
-        failure = (counts["rejected"] + counts["error"]) / judged if judged else None
-        median = statistics.median(times) if times else None
-        if len(times) < min_observations:
-            new, reason = old, (f"kept: {len(times)} timed attempt(s), fewer than the {min_observations} needed"
-                                if items else "kept: never attempted")
-        else:
-            base = _tier(median)
-            raw = base * (1.0 + failure_penalty * (failure or 0.0)) * scale
-            new = max(1.0, _round_half_up(raw))
-            reason = (f"median {median:.3g} s -> tier {_fmt(base)}; failure rate "
-                      f"{'n/a' if failure is None else f'{failure:.0%}'} -> x{1 + failure_penalty * (failure or 0):.2f}"
-                      f"; x{scale:.2g} policy scale = {raw:.2f} -> {_fmt(new)}")
-        rows.append(CostRevision(name, len(items), counts["accepted"], counts["rejected"], counts["error"],
-                                 median, failure, float(old), float(new), reason))
-
+    rows = [_revise_one(name, old, by_name.get(name, []), scale=scale, min_observations=min_observations,
+                        failure_penalty=failure_penalty) for name, old in real.items()]
     if text is None:
         if policy.source_path is not None:
             text = Path(policy.source_path).read_text(encoding="utf-8")

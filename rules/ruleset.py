@@ -35,7 +35,7 @@ from typing import Any
 from durable.lang import m
 
 from engine.core.facts import IssueFact
-from rules.policy import Policy
+from rules.policy.schema import Policy
 
 __all__ = [
     "Condition",

@@ -14,7 +14,8 @@ import torch
 
 from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
-from interventions.base import TreatmentContext, get_intervention
+from interventions.base import TreatmentContext
+from interventions.registry import get_intervention
 from model.bundle import Bundle
 from model.compression import CompressSettings, compress_bundle
 from model.data import load_nih_dataset, read_images
@@ -101,4 +102,6 @@ def test_f_reopt_refuses_without_history_or_wrong_parent(world):
     ok, why = plugin.applicable(_ctx(parent, shifted_fit, parent))
     assert not ok and "densenet_pruned" in why
     ok, why = plugin.applicable(_ctx(comp, shifted_fit, parent, params={"epochs": 3}))
-    assert not ok and "epochs" in why
+    assert not ok and why == "f_reopt parameters: ==> At key: epochs: unknown key (expected one of: views)"
+    ok, why = plugin.applicable(_ctx(comp, shifted_fit, parent, params={"views": 0}))
+    assert not ok and why == "f_reopt parameters: ==> At key: views: must be an integer >= 1, got 0"

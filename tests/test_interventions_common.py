@@ -14,6 +14,7 @@ on disk with the same image names, labels and patients (for plugins that read im
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -22,14 +23,16 @@ import pytest
 import torch
 
 from conftest import write_nih_dataset
-from engine.core.errors import InterventionError
+from engine.core.errors import InterventionError, PolicyError
 from engine.core.facts import ACTIONABLE_KINDS, FACT_KINDS, IssueFact
 from interventions.attribution import head_logits
-from interventions.base import TreatmentContext, available_interventions, get_intervention
+from interventions.base import Intervention, InterventionParams, TreatmentContext
+from interventions.registry import BUILTINS, available_interventions, get_intervention
 from model.bundle import Bundle, load_bundle, save_bundle
 from model.data import load_nih_dataset, read_images
 from model.features import FeatureSet, compute_features
 from model.labels import CHEXNET_LABELS
+from rules.policy import policy_from_dict
 from test_interventions import ARTEFACT, EFF, hand_set_bundle, synthetic_features
 
 
@@ -178,13 +181,33 @@ def _runs(name: str, world: World) -> list[Run]:
     return runs
 
 
+def test_every_builtin_is_available():
+    assert set(BUILTINS) <= set(PLUGINS)
+    assert all(BUILTINS[name] is available_interventions()[name] for name in BUILTINS)
+
+
 @pytest.mark.parametrize("name", PLUGINS)
 def test_plugin_declares_its_contract(name):
     cls = available_interventions()[name]
-    assert cls.name == name and isinstance(name, str)
+    assert issubclass(cls, Intervention) and not inspect.isabstract(cls), cls
+    assert cls.name == name, f"{cls.__name__} is available as {name!r} but calls itself {cls.name!r}"
     assert cls.treats and set(cls.treats) <= set(ACTIONABLE_KINDS), cls.treats
     assert isinstance(cls.expected_time_s, (int, float)) and cls.expected_time_s > 0
     assert isinstance(cls.classifier_only, bool)
+    # Its own strict parameter model, with a default for every field.
+    assert issubclass(cls.Params, InterventionParams) and cls.Params is not InterventionParams
+    assert cls.Params.model_config["extra"] == "forbid" and cls.Params.model_config["strict"]
+    defaults = cls.read_params({})
+    assert cls.read_params(defaults.model_dump()) == defaults
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_the_policy_validates_its_parameters_with_the_plugins_model(name):
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"name": "x", "params": {name: {"no_such_parameter": 1}}}, source="p.yaml")
+    fields = ", ".join(available_interventions()[name].Params.model_fields)
+    assert str(info.value) == (f"p.yaml: ==> At key: params ==> At key: {name} ==> At key: no_such_parameter: "
+                               f"unknown key (expected one of: {fields})")
 
 
 @pytest.mark.parametrize("name", PLUGINS)

@@ -24,7 +24,7 @@ from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
 from engine.triage import EXIT_UNTREATED, run_triage, sort_facts
 from engine.triage.verify import Acceptance, verify_treatment
-from interventions import base as plugin_base
+from interventions import registry
 from interventions.base import Intervention, InterventionResult, TreatmentContext
 from model.bundle import Bundle, load_bundle, new_bundle
 from model.data import NIHDataset, load_nih_dataset
@@ -251,9 +251,8 @@ class BackboneThreshold(Intervention):
 
 @pytest.fixture(autouse=True)
 def _fake_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    plugin_base.available_interventions()  # load the real ones first
     for cls in (Worsen, Broken, Mutator, BackboneThreshold):
-        monkeypatch.setitem(plugin_base._REGISTRY, cls.name, cls)
+        monkeypatch.setitem(registry.BUILTINS, cls.name, cls)
 
 
 def _triage(world: World, policy: Policy, out: Path, bundle: Bundle | None = None, **kw: Any):

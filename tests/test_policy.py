@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from cli import main
+from engine.audit import AuditStore
 from engine.core.errors import DataError, PolicyError
+from engine.triage.verify import Acceptance
+from interventions import registry
+from interventions.base import Intervention
 from rules.policy import (
     DEFAULT_COSTS,
     AcceptanceConfig,
@@ -159,9 +165,7 @@ def test_several_problems_are_all_reported(tmp_path: Path) -> None:
 
 
 def test_plugin_interventions_are_validated_against_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    from interventions import base
-
-    class Denoise(base.Intervention):
+    class Denoise(Intervention):
         name = "denoise"
         treats = ("auroc_drop",)
         expected_time_s = 42.0
@@ -169,13 +173,47 @@ def test_plugin_interventions_are_validated_against_the_registry(monkeypatch: py
         def _apply(self, ctx):  # pragma: no cover - never run here
             raise NotImplementedError
 
-    base.available_interventions()  # load the built-ins first so the registry is complete
-    monkeypatch.setitem(base._REGISTRY, "denoise", Denoise)
+    with pytest.raises(PolicyError, match=r"At key: costs ==> At key: denoise: unknown intervention 'denoise'"):
+        policy_from_dict({"name": "x", "costs": {"denoise": 1.5}})
+    monkeypatch.setitem(registry.BUILTINS, "denoise", Denoise)
     with pytest.raises(PolicyError, match=r"At index 0: intervention 'denoise' has no cost; add costs.denoise"):
         policy_from_dict({"name": "x", "treatments": {"auroc_drop": ["denoise"]}})
     policy = policy_from_dict({"name": "x", "costs": {"denoise": 1.5}, "treatments": {"auroc_drop": ["denoise"]}})
     assert policy.cost("denoise") == 1.5
     assert policy.expected_time("denoise") == 42.0  # the plugin's own estimate when the policy gives none
+    # A plugin that declares no Params takes no parameters.
+    with pytest.raises(PolicyError, match=r"At key: params ==> At key: denoise ==> At key: strength: unknown key"):
+        policy_from_dict({"name": "x", "params": {"denoise": {"strength": 2}}})
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"zeroing": {"max_channels": 0}},
+     "==> At key: params ==> At key: zeroing ==> At key: max_channels: must be an integer >= 1, got 0"),
+    ({"partial_retrain": {"l2_grid": []}},
+     "==> At key: params ==> At key: partial_retrain ==> At key: l2_grid: must be a non-empty list of numbers >= 0, "
+     "got a list"),
+    ({"augmentation": {"epochs": 2.5}},
+     "==> At key: params ==> At key: augmentation ==> At key: epochs: must be an integer, got 2.5"),
+    ({"full_retrain": {"preset": "huge"}},
+     "==> At key: params ==> At key: full_retrain ==> At key: preset: must be one of 'densenet121', 'tiny', "
+     "'small' or null, got 'huge'"),
+    ({"f_reopt": {"views": True}},
+     "==> At key: params ==> At key: f_reopt ==> At key: views: must be an integer, got true"),
+])
+def test_every_plugins_parameters_are_validated_when_the_policy_loads(params: dict, message: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"name": "x", "params": params}, source="p.yaml")
+    assert str(info.value) == f"p.yaml: {message}"
+
+
+def test_label_parameters_are_validated_merged_onto_the_policy_wide_ones() -> None:
+    with pytest.raises(PolicyError) as info:
+        policy_from_dict({"name": "x", "params": {"threshold": {"method": "cost_weighted", "fn_cost": 2}},
+                          "labels": {"Effusion": {"params": {"threshold": {"fp_cost": 0}}}}}, source="p.yaml")
+    assert str(info.value) == ("p.yaml: ==> At key: params ==> At key: threshold ==> At key: fp_cost: required when "
+                               "method is cost_weighted (a positive number)\n"
+                               "p.yaml: ==> At key: labels ==> At key: Effusion ==> At key: params ==> At key: "
+                               "threshold ==> At key: fp_cost: must be a number > 0, got 0")
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -241,17 +279,29 @@ def test_unknown_cost_lookup_is_a_policy_error() -> None:
 
 def test_policy_is_immutable() -> None:
     policy = policy_from_dict({"name": "x"})
-    with pytest.raises(Exception):
-        policy.name = "y"  # type: ignore[misc]
     assert isinstance(policy, Policy)
+    for section, key, value in ((policy, "name", "y"), (policy.acceptance, "max_tp_lost", 3)):
+        with pytest.raises(ValidationError) as info:
+            setattr(section, key, value)
+        assert [e["type"] for e in info.value.errors()] == ["frozen_instance"]
+    assert policy.name == "x" and policy.acceptance.max_tp_lost == 0
 
 
-def test_acceptance_maps_onto_the_verifier() -> None:
-    verify = pytest.importorskip("engine.triage.verify")
-    acc = AcceptanceConfig(max_other_auroc_change=0.02, min_improvement=0.5, max_tp_lost=1, max_new_issues=2)
-    out = acc.to_verify()
-    assert isinstance(out, verify.Acceptance)
-    assert (out.max_other_auroc_change, out.min_improvement, out.max_tp_lost, out.max_new_issues) == (0.02, 0.5, 1, 2)
+def test_acceptance_limits_map_onto_the_verifier_per_label() -> None:
+    """The verifier's Acceptance is built from ``acceptance_for(label).model_dump()``: same fields, label merged."""
+    assert set(AcceptanceConfig.model_fields) == {f.name for f in dataclasses.fields(Acceptance)}
+    policy = policy_from_dict({
+        "name": "x",
+        "acceptance": {"max_other_auroc_change": 0.02, "min_improvement": 0.5, "max_new_issues": 2},
+        "labels": {"Pneumothorax": {"acceptance": {"max_tp_lost": 1, "min_fp_removed_share": None}}},
+    })
+    out = Acceptance(**policy.acceptance_for("Pneumothorax").model_dump())
+    assert out == Acceptance(max_other_auroc_change=0.02, max_tp_lost=1, min_improvement=0.5, max_new_issues=2,
+                             min_fp_removed_share=None)
+    other = Acceptance(**policy.acceptance_for("Effusion").model_dump())
+    assert other == Acceptance(max_other_auroc_change=0.02, max_tp_lost=0, min_improvement=0.5, max_new_issues=2,
+                               min_fp_removed_share=0.5)
+    assert Acceptance(**policy.acceptance_for(None).model_dump()) == other
 
 
 # -- cost revision ------------------------------------------------------------------------------
@@ -369,10 +419,9 @@ def test_explain_rows_follow_costs() -> None:
 
 
 def test_cli_revise_from_audit_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    audit = pytest.importorskip("engine.audit")
     policy_path = write(tmp_path, PAPER_BEFORE, "paper.yaml")
     db = tmp_path / "audit.sqlite"
-    with audit.AuditStore(db, tool_version="test") as store:
+    with AuditStore(db, tool_version="test") as store:
         store.append("run1", "run_started", {})
         for attempt, seconds in enumerate((8.0, 10.0, 11.0)):
             store.append("run1", "intervention_applied", {"intervention": "partial_retrain", "fact_id": "f1",

@@ -8,8 +8,9 @@ import torch
 
 from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
-from interventions.base import TreatmentContext, available_interventions, get_intervention
-from interventions.threshold import fit_threshold, negatives_threshold
+from interventions.base import TreatmentContext
+from interventions.registry import available_interventions, get_intervention
+from interventions.threshold import ThresholdIntervention, fit_threshold, negatives_threshold
 from model.bundle import new_bundle
 from model.features import FeatureSet
 from model.labels import CHEXNET_LABELS
@@ -55,9 +56,12 @@ def _ctx(bundle, fit, params=None, fact=None) -> TreatmentContext:
 
 
 def test_registered_with_its_contract() -> None:
-    assert "threshold" in available_interventions()
+    assert available_interventions()["threshold"] is ThresholdIntervention
     plugin = get_intervention("threshold")
     assert set(plugin.treats) == {"calibration_drift", "recall_collapse"} and plugin.classifier_only
+    assert plugin.Params is ThresholdIntervention.Params
+    assert plugin.read_params({}).model_dump() == {"method": "youden", "target": None, "fn_cost": None,
+                                                   "fp_cost": None, "scope": "label"}
 
 
 def test_resolves_a_logit_shift_on_the_verify_split() -> None:
@@ -166,20 +170,23 @@ def test_cost_weighted_minimises_the_cost() -> None:
     assert t_fn < t_fp  # missing a finding is expensive -> lower threshold
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"method": "magic"}, "'method' parameter"),
-    ({"method": "fixed_sensitivity"}, "'target' parameter"),
-    ({"method": "fixed_sensitivity", "target": 1.5}, "'target' parameter"),
-    ({"method": "cost_weighted", "fn_cost": 1.0}, "'fp_cost' parameter"),
-    ({"scope": "some"}, "'scope' parameter"),
-    ({"treshold": 1}, "unknown parameter"),
+@pytest.mark.parametrize("params, message", [
+    ({"method": "magic"}, "==> At key: method: must be one of 'youden', 'fixed_sensitivity' or 'cost_weighted', "
+                          "got 'magic'"),
+    ({"method": "fixed_sensitivity"}, "==> At key: target: required when method is fixed_sensitivity"),
+    ({"method": "fixed_sensitivity", "target": 1.5}, "==> At key: target: must be a number <= 1, got 1.5"),
+    ({"method": "cost_weighted", "fn_cost": 1.0}, "==> At key: fp_cost: required when method is cost_weighted"),
+    ({"scope": "some"}, "==> At key: scope: must be one of 'label' or 'all', got 'some'"),
+    ({"treshold": 1}, "==> At key: treshold: unknown key (expected one of: method, target, fn_cost, fp_cost, scope)"),
 ])
-def test_bad_parameters_are_refused_by_name(params, match) -> None:
+def test_bad_parameters_are_refused_by_name(params, message) -> None:
+    """The plugin's own Params model refuses them, in the policy's words (one validation system)."""
     bundle, fit, _, _, _ = _scenario(n=120)
     ok, why = get_intervention("threshold").applicable(_ctx(bundle, fit, params))
-    assert not ok and match in why
-    with pytest.raises(InterventionError, match=match):
+    assert not ok and why.startswith("threshold parameters: ==> At key: ") and message in why
+    with pytest.raises(InterventionError) as info:
         get_intervention("threshold").apply(_ctx(bundle, fit, params))
+    assert str(info.value) == f"threshold is not applicable: {why}"
 
 
 def test_not_applicable_outside_its_kinds_or_without_both_classes() -> None:

@@ -65,7 +65,7 @@ def _load_policy(path: Path) -> Policy:
 
 
 def _check_approve(names: list[str]) -> list[str]:
-    from interventions.base import available_interventions
+    from interventions.registry import available_interventions
 
     known = available_interventions()
     unknown = sorted(set(names) - set(known))

@@ -16,6 +16,10 @@ issue kinds are checked against what exists, and YAML with duplicate keys is ref
 the file and the key path, pre-commit style::
 
     policies/x.yaml: ==> At key: costs ==> At key: zeroing: must be a number >= 0, got -1
+
+Each intervention's ``params`` are validated by that plugin's own ``Params`` model (see
+``interventions.base``), so a parameter is checked by one model, at load time. Reading a policy from
+a file or a mapping is :mod:`rules.policy.load`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -33,7 +37,6 @@ from pydantic import (
     Field,
     JsonValue,
     PrivateAttr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -41,7 +44,8 @@ from pydantic import (
 from engine.core.errors import PolicyError
 from engine.core.facts import ACTIONABLE_KINDS, FACT_KINDS
 from engine.core.storage import canonical_json, sha256_bytes
-from engine.core.validation import LocatedError, deep_merge, format_validation_error, parse_yaml, validate_into
+from engine.core.validation import LocatedError, deep_merge, validate_into
+from interventions.registry import BUILTINS, available_interventions
 from model.labels import CHEXNET_LABELS, XRV_LABELS
 from rules.policy.monitors import MonitorConfig
 
@@ -61,23 +65,12 @@ __all__ = [
     "PartialRetrainConditions",
     "FReoptConditions",
     "ConditionsConfig",
-    "ThresholdParams",
     "LabelOverride",
     "Policy",
-    "load_policy",
-    "parse_policy",
-    "policy_from_dict",
 ]
 
 #: Interventions shipped with the tool (plugins may add more through the registry).
-BUILTIN_INTERVENTIONS: tuple[str, ...] = (
-    "threshold",
-    "zeroing",
-    "partial_retrain",
-    "f_reopt",
-    "augmentation",
-    "full_retrain",
-)
+BUILTIN_INTERVENTIONS: tuple[str, ...] = tuple(BUILTINS)
 #: Pseudo-intervention: leave the model alone and escalate to a human.
 NO_ACTION = "no_action"
 
@@ -119,14 +112,10 @@ _KNOWN_LABELS: tuple[str, ...] = tuple(dict.fromkeys(CHEXNET_LABELS + XRV_LABELS
 
 def known_interventions() -> tuple[str, ...]:
     """Built-in names plus every registered plugin (entry points included), sorted."""
-    from interventions.base import available_interventions
-
     return tuple(sorted(set(BUILTIN_INTERVENTIONS) | set(available_interventions())))
 
 
 def _plugin_expected_time(name: str) -> float | None:
-    from interventions.base import available_interventions
-
     cls = available_interventions().get(name)
     value = getattr(cls, "expected_time_s", None) if cls is not None else None
     return float(value) if isinstance(value, (int, float)) and value >= 0 else None
@@ -177,6 +166,18 @@ Cost = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
+#: A validation problem: the key path it belongs to, and the message.
+_Problem = tuple[tuple[str | int, ...], str]
+
+
+def _check_plugin_params(name: str, params: Mapping[str, Any], where: tuple[str | int, ...]) -> list[_Problem]:
+    """``params`` checked by the plugin's own ``Params`` model (``no_action`` has no plugin and no parameters)."""
+    cls = available_interventions().get(name)
+    if cls is None:
+        return []
+    return validate_into(cls.Params, params, where)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -219,12 +220,6 @@ class AcceptanceConfig(_Strict):
     #: must turn negative (null: not checked).
     min_fp_removed_share: float | None = Field(0.5, gt=0, le=1)
 
-    def to_verify(self) -> Any:
-        """The same limits as the ``engine.triage.verify.Acceptance`` the verifier takes."""
-        from engine.triage.verify import Acceptance
-
-        return Acceptance(**self.model_dump())
-
 
 class ThresholdConditions(_Strict):
     #: Ranking counts as intact (so moving the operating point can help) when the monitor says so,
@@ -256,29 +251,8 @@ class ConditionsConfig(_Strict):
     f_reopt: FReoptConditions = FReoptConditions()
 
 
-class ThresholdParams(_Strict):
-    """Parameters of the ``threshold`` intervention (validated here so a bad method fails at load time)."""
-
-    method: Literal["youden", "fixed_sensitivity", "cost_weighted"] = "youden"
-    target: float | None = Field(None, gt=0, le=1)
-    fn_cost: float | None = Field(None, gt=0)
-    fp_cost: float | None = Field(None, gt=0)
-    scope: Literal["label", "all"] = "label"
-
-    @model_validator(mode="after")
-    def _method_needs(self) -> "ThresholdParams":
-        if self.method == "fixed_sensitivity" and self.target is None:
-            raise LocatedError([(("target",), "required when method is fixed_sensitivity (a sensitivity in (0, 1])")])
-        if self.method == "cost_weighted":
-            missing = [k for k in ("fn_cost", "fp_cost") if getattr(self, k) is None]
-            if missing:
-                raise LocatedError([((k,), "required when method is cost_weighted (a positive number)")
-                                for k in missing])
-        return self
-
-
 # zeroing's max_channels and partial_retrain's min_positives are not here: they default to the
-# rule's value in ``conditions`` (see Policy.params_for).
+# rule's value in ``conditions`` (see Policy.params_for). Each plugin's ``Params`` model fills the rest.
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "threshold": {"method": "youden"},
 }
@@ -376,54 +350,13 @@ class Policy(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Policy":
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        for kind, names in self.treatments.items():
-            for i, name in enumerate(names):
-                if name not in self.costs:
-                    problems.append((("treatments", kind, i), f"intervention {name!r} has no cost; add costs.{name}"))
-                if name not in self.expected_time_s:
-                    problems.append((("treatments", kind, i),
-                                     f"intervention {name!r} has no expected time; add expected_time_s.{name}"))
-        for name, p in self.params.items():
-            if name == "threshold":
-                problems += validate_into(ThresholdParams, p, ("params", "threshold"))
-        base_acceptance = self.acceptance.model_dump()
-        base_conditions = self.conditions.model_dump()
+        """What one field cannot check alone: prices of the treatments, plugin parameters, label overrides."""
+        problems = self._check_priced_treatments()
+        for name, params in self.params.items():
+            problems += _check_plugin_params(name, params, ("params", name))
         monitor_overrides = dict(self.monitors.overrides)
         for label, override in self.labels.items():
-            where = ("labels", label)
-            for name in override.costs:
-                if name not in self.costs:
-                    problems.append((where + ("costs", name), f"intervention {name!r} has no policy-wide cost"))
-            acc = validate_into(AcceptanceConfig, deep_merge(base_acceptance, override.acceptance),
-                                 where + ("acceptance",))
-            problems += acc
-            if not acc:
-                self._label_acceptance[label] = AcceptanceConfig.model_validate(
-                    deep_merge(base_acceptance, override.acceptance))
-            cond = validate_into(ConditionsConfig, deep_merge(base_conditions, override.conditions),
-                                  where + ("conditions",))
-            problems += cond
-            if not cond:
-                self._label_conditions[label] = ConditionsConfig.model_validate(
-                    deep_merge(base_conditions, override.conditions))
-            merged_params = {k: dict(v) for k, v in self.params.items()}
-            for name, change in override.params.items():
-                merged_params[name] = deep_merge(merged_params.get(name, {}), change)
-                if name == "threshold":
-                    problems += validate_into(ThresholdParams, merged_params[name], where + ("params", "threshold"))
-            self._label_params[label] = merged_params
-            if override.monitors:
-                if label in monitor_overrides:
-                    problems.append((where + ("monitors",), f"monitors.overrides.{label} is also set; give the "
-                                     "label's monitor changes in one place"))
-                    continue
-                base = self.monitors.model_dump()
-                base["overrides"] = {}
-                mon = validate_into(MonitorConfig, deep_merge(base, override.monitors), where + ("monitors",))
-                problems += mon
-                if not mon:
-                    monitor_overrides[label] = dict(override.monitors)
+            problems += self._resolve_label(label, override, monitor_overrides)
         if problems:
             raise LocatedError(problems)
         if monitor_overrides != self.monitors.overrides:
@@ -432,6 +365,59 @@ class Policy(_Strict):
             # Frozen model: set the resolved section once, during validation.
             object.__setattr__(self, "monitors", MonitorConfig.model_validate(data))
         return self
+
+    def _check_priced_treatments(self) -> list[_Problem]:
+        """Every intervention a treatment names has a cost and an expected time."""
+        problems: list[_Problem] = []
+        for kind, names in self.treatments.items():
+            for i, name in enumerate(names):
+                if name not in self.costs:
+                    problems.append((("treatments", kind, i), f"intervention {name!r} has no cost; add costs.{name}"))
+                if name not in self.expected_time_s:
+                    problems.append((("treatments", kind, i),
+                                     f"intervention {name!r} has no expected time; add expected_time_s.{name}"))
+        return problems
+
+    def _resolve_label(self, label: str, override: LabelOverride,
+                       monitor_overrides: dict[str, Any]) -> list[_Problem]:
+        """Merge one label's override onto the policy-wide sections (stored for the ``*_for`` lookups).
+
+        The label's monitor changes go into ``monitor_overrides``; returns the problems found.
+        """
+        where = ("labels", label)
+        problems: list[_Problem] = [
+            (where + ("costs", name), f"intervention {name!r} has no policy-wide cost")
+            for name in override.costs if name not in self.costs]
+        acceptance = deep_merge(self.acceptance.model_dump(), override.acceptance)
+        found = validate_into(AcceptanceConfig, acceptance, where + ("acceptance",))
+        problems += found
+        if not found:
+            self._label_acceptance[label] = AcceptanceConfig.model_validate(acceptance)
+        conditions = deep_merge(self.conditions.model_dump(), override.conditions)
+        found = validate_into(ConditionsConfig, conditions, where + ("conditions",))
+        problems += found
+        if not found:
+            self._label_conditions[label] = ConditionsConfig.model_validate(conditions)
+        merged_params = {k: dict(v) for k, v in self.params.items()}
+        for name, change in override.params.items():
+            merged_params[name] = deep_merge(merged_params.get(name, {}), change)
+            problems += _check_plugin_params(name, merged_params[name], where + ("params", name))
+        self._label_params[label] = merged_params
+        if override.monitors:
+            problems += self._resolve_label_monitors(label, override.monitors, monitor_overrides)
+        return problems
+
+    def _resolve_label_monitors(self, label: str, change: Mapping[str, Any],
+                                monitor_overrides: dict[str, Any]) -> list[_Problem]:
+        where = ("labels", label, "monitors")
+        if label in monitor_overrides:
+            return [(where, f"monitors.overrides.{label} is also set; give the label's monitor changes in one place")]
+        base = self.monitors.model_dump()
+        base["overrides"] = {}
+        problems = validate_into(MonitorConfig, deep_merge(base, change), where)
+        if not problems:
+            monitor_overrides[label] = dict(change)
+        return problems
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -488,37 +474,3 @@ class Policy(_Strict):
         elif intervention == "zeroing":
             params.setdefault("max_channels", cond.zeroing.max_channels)
         return params
-
-
-def policy_from_dict(data: Any, source: str = "<policy>") -> Policy:
-    """Validate a mapping (as read from YAML) into a :class:`Policy`; errors name ``source`` and the key path."""
-    if not isinstance(data, Mapping):
-        what = "an empty document" if data is None else f"a {type(data).__name__}"
-        raise PolicyError(f"{source}: expected a mapping at the top level (name, costs, treatments ...), got {what}")
-    bad_keys = [k for k in data if not isinstance(k, str)]
-    if bad_keys:
-        raise PolicyError(f"{source}: top-level keys must be strings, got {bad_keys[0]!r}")
-    try:
-        return Policy.model_validate(dict(data))
-    except ValidationError as exc:
-        raise PolicyError(format_validation_error(exc, source, Policy)) from None
-
-
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    """Parse YAML text into a validated :class:`Policy`."""
-    return policy_from_dict(parse_yaml(text, source), source)
-
-
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file (``yaml.safe_load`` semantics, duplicate keys refused)."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PolicyError(f"{source}: policy file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{source}: cannot read the policy file ({exc})") from None
-    policy = parse_policy(text, source)
-    policy._source_path = path
-    return policy
