@@ -8,7 +8,7 @@ Some faults live in the backbone's features, where no classifier-level change re
 * a **shortcut** (``fp_cluster``): the net learned that an artefact (a chest tube) means the
   finding. Counterfactual copies of a share of the label's NEGATIVES with the artefact drawn in —
   still labelled negative — break that correlation at its source. The artefact is the fault
-  injector's chest tube (``model.inject.draw_tube``); another kind of shortcut needs its own drawer.
+  injector's chest tube (``model.data.faults.draw_tube``); another kind of shortcut needs its own drawer.
 
 Only ``features.denseblock4``, ``features.norm5`` and ``classifier`` train (``fit_model`` with a
 ``trainable`` filter, on a copy), for a bounded number of epochs, keeping the best epoch by
@@ -116,10 +116,10 @@ def intensity_jitter(meta: BundleMeta, *, gamma: tuple[float, float] = (0.7, 1.4
 
 
 def _shortcut_drawer() -> tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], str]:
-    """The fault injector's own tube (``model.inject.draw_tube``, on an 8-bit image) when available,
+    """The fault injector's own tube (``model.data.faults.draw_tube``, on an 8-bit image) when available,
     else :func:`draw_tube`: counterfactuals should carry the artefact the model actually learned."""
     try:
-        from model.inject import draw_tube as inject_tube  # noqa: PLC0415  (optional module)
+        from model.data.faults import draw_tube as inject_tube  # noqa: PLC0415  (optional module)
     except ImportError:
         return draw_tube, "interventions.augmentation.draw_tube"
     from PIL import Image  # noqa: PLC0415
@@ -129,7 +129,7 @@ def _shortcut_drawer() -> tuple[Callable[[np.ndarray, np.random.Generator], np.n
         inject_tube(im, rng)
         return np.asarray(im, dtype=np.float32) / 255.0
 
-    return drawer, "model.inject.draw_tube"
+    return drawer, "model.data.faults.draw_tube"
 
 
 def _sha(items: list[str]) -> str:

@@ -463,7 +463,7 @@ def _tube_world(root, n: int, seed: int, tube_rule) -> tuple:
     """Flat grey 32-px images; Effusion labels at random; tubes (the injector's) where ``tube_rule`` says."""
     from PIL import Image
 
-    from model.inject import draw_tube as inject_tube
+    from model.data.faults import draw_tube as inject_tube
 
     rng = np.random.default_rng(seed)
     y = rng.random(n) < 0.4

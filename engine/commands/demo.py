@@ -12,7 +12,7 @@ from rich.table import Table
 from engine.console import console, progress_task
 from engine.demo import FULL, QUICK, DemoConfig, Step, decision_code_digest, file_digest, run_step
 from engine.core.storage import atomic_write_json
-from model.inject import parse_fault
+from model.data.faults import parse_fault
 
 
 def register(sub: argparse._SubParsersAction) -> None:

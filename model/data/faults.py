@@ -46,7 +46,7 @@ from scipy import ndimage
 from engine.core.errors import DataError, TriageError
 from engine.core.storage import atomic_write_json
 from model.bundle import TOOL_VERSION
-from model.data import MAX_IMAGE_PIXELS, SPLIT_FILES, NIHDataset, load_nih_dataset, safe_image_path
+from model.data.nih import MAX_IMAGE_PIXELS, SPLIT_FILES, NIHDataset, load_nih_dataset, safe_image_path
 from model.labels import CHEXNET_LABELS, NO_FINDING
 
 __all__ = [
