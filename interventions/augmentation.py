@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from engine.core.errors import DataError, InterventionError
 from interventions.attribution import (
@@ -35,12 +36,13 @@ from interventions.attribution import (
 from interventions.base import Intervention, InterventionResult, TreatmentContext, register
 from model.bundle import BundleMeta
 from model.data import patient_disjoint_split, read_images
+from model.data.faults import draw_tube
 from model.features import compute_features
 from model.labels import CHEXNET_LABELS
 from model.metrics import auroc, sigmoid, youden_threshold
 from model.train import augment_batch, fit_model, mean_auroc
 
-__all__ = ["AugmentationIntervention", "draw_tube", "intensity_jitter", "TRAINABLE_PREFIXES"]
+__all__ = ["AugmentationIntervention", "intensity_jitter", "TRAINABLE_PREFIXES"]
 
 #: The layers that fine-tuning may change (torchvision DenseNet names).
 TRAINABLE_PREFIXES = ("features.denseblock4", "features.norm5", "classifier")
@@ -64,29 +66,6 @@ PARAMS = {
     "min_threshold_positives": (5, int_param(1)),
     "trainable": (TRAINABLE_PREFIXES, _prefixes_param),
 }
-
-
-def draw_tube(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Copy of a grey ``(H, W)`` image in [0, 1] with a bright, tube-like curved line drawn in.
-
-    A smooth quadratic curve from the upper chest down into a lung field, about ``W/40`` wide,
-    radiopaque (brighter than anything around it). Used to make counterfactual negatives.
-    """
-    h, w = image.shape
-    side = rng.choice([-1.0, 1.0])
-    p0 = np.array([rng.uniform(0.40, 0.60) * w, rng.uniform(0.0, 0.08) * h])
-    p2 = np.array([(0.5 + side * rng.uniform(0.15, 0.32)) * w, rng.uniform(0.55, 0.80) * h])
-    p1 = np.array([(0.5 + side * rng.uniform(0.05, 0.30)) * w, rng.uniform(0.25, 0.45) * h])
-    t = np.linspace(0.0, 1.0, 4 * (h + w))[:, None]
-    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2  # (P, 2) in (x, y) pixels
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    d2 = np.full((h, w), np.inf)
-    for x0, y0 in curve[:: max(1, len(curve) // 256)]:
-        np.minimum(d2, (xx - x0) ** 2 + (yy - y0) ** 2, out=d2)
-    half_width = max(0.6, w / 80.0)
-    profile = np.exp(-0.5 * d2 / half_width**2)
-    strength = rng.uniform(0.35, 0.6)
-    return np.clip(image + strength * profile, 0.0, 1.0).astype(np.float32)
 
 
 def intensity_jitter(meta: BundleMeta, *, gamma: tuple[float, float] = (0.7, 1.4), gain: float = 0.15,
@@ -116,17 +95,12 @@ def intensity_jitter(meta: BundleMeta, *, gamma: tuple[float, float] = (0.7, 1.4
 
 
 def _shortcut_drawer() -> tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], str]:
-    """The fault injector's own tube (``model.data.faults.draw_tube``, on an 8-bit image) when available,
-    else :func:`draw_tube`: counterfactuals should carry the artefact the model actually learned."""
-    try:
-        from model.data.faults import draw_tube as inject_tube  # noqa: PLC0415  (optional module)
-    except ImportError:
-        return draw_tube, "interventions.augmentation.draw_tube"
-    from PIL import Image  # noqa: PLC0415
+    """The fault injector's own tube (:func:`model.data.faults.draw_tube`, drawn on an 8-bit copy of
+    the image): counterfactuals should carry the artefact the model actually learned."""
 
     def drawer(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         im = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
-        inject_tube(im, rng)
+        draw_tube(im, rng)
         return np.asarray(im, dtype=np.float32) / 255.0
 
     return drawer, "model.data.faults.draw_tube"

@@ -19,7 +19,7 @@ from conftest import random_rows, write_nih_dataset
 from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
 from interventions.attribution import contributions, head_logits, top_channels
-from interventions.augmentation import draw_tube, intensity_jitter
+from interventions.augmentation import _shortcut_drawer, intensity_jitter
 from interventions.base import TreatmentContext, get_intervention
 from interventions.full_retrain import preset_of
 from interventions.partial_retrain import fit_head, patient_folds
@@ -383,12 +383,13 @@ def _image_ctx(image_setup, kind: str, label: str = "Effusion", **kw) -> Treatme
     return TreatmentContext(bundle=bundle, fact=fact, fit=fit, fit_dataset=dataset, **kw)
 
 
-def test_draw_tube_only_brightens_a_thin_curve():
-    rng = np.random.default_rng(0)
-    img = np.full((64, 64), 0.3, dtype=np.float32)
-    out = draw_tube(img, rng)
+def test_shortcut_drawer_is_the_injectors_tube_and_only_brightens_a_thin_curve():
+    drawer, name = _shortcut_drawer()
+    assert name == "model.data.faults.draw_tube"
+    img = np.full((64, 64), 77 / 255, dtype=np.float32)  # an 8-bit grey level: no rounding elsewhere
+    out = drawer(img, np.random.default_rng(0))
     assert out.shape == img.shape and out.dtype == np.float32
-    assert (out >= img).all() and out.max() > 0.6
+    assert (out >= img - 1e-6).all() and out.max() > 0.6
     changed = (out - img) > 0.05
     assert 0.01 < changed.mean() < 0.15  # a line, not a blob
 

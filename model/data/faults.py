@@ -214,7 +214,8 @@ def draw_tube(im: Image.Image, rng: np.random.Generator) -> dict[str, Any]:
 
     A thin bright line enters from outside the body at the lateral chest wall (mid-axillary,
     lower third), curves up inside the hemithorax towards the apex and ends in a small bright tip:
-    the radiopaque drain that makes pneumothorax classifiers learn a shortcut.
+    the radiopaque drain that makes pneumothorax classifiers learn a shortcut. The one tube of the
+    project: augmentation draws its counterfactual negatives with it too.
     """
     w, h = im.size
     side = "right" if rng.random() < 0.5 else "left"  # image side
