@@ -534,7 +534,7 @@ def trained(tmp_path_factory):
     from model.bundle import save_bundle
     from model.data import load_nih_dataset
     from model.data.faults import inject_fault
-    from model.phantom import generate_phantoms
+    from model.data.phantom import generate_phantoms
     from model.train import train_bundle
 
     torch.set_num_threads(1)

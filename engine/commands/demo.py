@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"config": cfg.__dict__, "outputs": {}}
     started = time.perf_counter()
 
-    from model.phantom import generate_phantoms
+    from model.data.phantom import generate_phantoms
 
     data = out / "data" / "phantoms"
 
