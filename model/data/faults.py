@@ -324,23 +324,13 @@ def _plan(spec: FaultSpec, ds: NIHDataset, splits: dict[str, str], seed: int) ->
     return _PLANNERS[spec.name](spec.params, ds, splits, rng)
 
 
-def _plan_scanner_shift(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
-    """Every image through the new scanner's curve; every label's calibration moves."""
-    plan = _Plan()
-    for n in ds.image_names:
-        plan.modify[n] = {"op": "scanner_shift"}
-    plan.affected = list(CHEXNET_LABELS)
-    plan.expected = [{"kind": "calibration_drift", "labels": list(CHEXNET_LABELS)}]
-    return plan
+def _every_image(op: str, labels: tuple[str, ...], kind: str) -> _Planner:
+    """A planner that applies ``op`` to every image (scanner_shift, blur); ``kind`` on ``labels`` is expected."""
 
+    def plan(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
+        return _Plan(modify={n: {"op": op} for n in ds.image_names}, affected=list(labels),
+                     expected=[{"kind": kind, "labels": list(labels)}])
 
-def _plan_blur(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
-    """Every image blurred; the small findings lose recall first."""
-    plan = _Plan()
-    for n in ds.image_names:
-        plan.modify[n] = {"op": "blur"}
-    plan.affected = list(SMALL_FINDINGS)
-    plan.expected = [{"kind": "recall_collapse", "labels": list(SMALL_FINDINGS)}]
     return plan
 
 
@@ -434,9 +424,10 @@ def _plan_label_noise(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str],
 
 #: One planner per fault (an explicit table: adding a fault means a row here and in FAULT_SYNTAX).
 _PLANNERS: dict[str, _Planner] = {
-    "scanner_shift": _plan_scanner_shift,
+    # Every label's calibration moves under a new scanner's curve; small findings lose recall first.
+    "scanner_shift": _every_image("scanner_shift", CHEXNET_LABELS, "calibration_drift"),
     "shortcut": _plan_shortcut,
-    "blur": _plan_blur,
+    "blur": _every_image("blur", SMALL_FINDINGS, "recall_collapse"),
     "prevalence": _plan_prevalence,
     "label_noise": _plan_label_noise,
 }
