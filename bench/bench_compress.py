@@ -79,7 +79,7 @@ def _dataset_root(kind: str, work: Path, quick: bool, n_phantoms: int) -> Path:
         return NIH1000
     root = work / ("phantoms_quick" if quick else f"phantoms{n_phantoms}")
     if not (root / "Data_Entry_2017_v2020.csv").is_file():
-        from model.phantom import generate_phantoms
+        from model.data.phantom import generate_phantoms
 
         generate_phantoms(root, 200 if quick else n_phantoms, size=32 if quick else 64, seed=0)
     return root

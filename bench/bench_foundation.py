@@ -102,7 +102,7 @@ def main() -> None:
     if args.what == "speed":
         result = speed(args.repeats, args.preset)
     elif args.what == "auroc-phantom":
-        from model.phantom import generate_phantoms
+        from model.data.phantom import generate_phantoms
 
         with tempfile.TemporaryDirectory() as tmp:
             root = generate_phantoms(Path(tmp) / "ph", args.n, size=64, seed=args.seed)

@@ -6,7 +6,7 @@ Run by hand (defaults: about 5 minutes on 2 CPU cores; every size is a flag):
     python bench/bench_interventions.py --n 2000 --preset densenet121 --epochs 8 --repeats 5
     python bench/bench_interventions.py --nih none --no-backbone        # classifier-level only
 
-Scenarios (phantoms from ``model.phantom`` with faults from ``model.inject``; models from
+Scenarios (phantoms from ``model.data.phantom`` with faults from ``model.data.faults``; models from
 ``model.train.train_bundle``; the audit set is the test split, divided patient-disjoint into a FIT
 half that the intervention sees and a VERIFY half that judges it, as ``triage`` does):
 
@@ -72,7 +72,7 @@ CLASSIFIER_LEVEL = ("threshold", "zeroing", "partial_retrain")
 
 
 def _phantoms(args: argparse.Namespace) -> Path:
-    from model.phantom import generate_phantoms
+    from model.data.phantom import generate_phantoms
 
     root = args.workdir / f"phantoms_n{args.n}_s{args.size}_seed{args.seed}"
     if not root.exists():
@@ -82,7 +82,7 @@ def _phantoms(args: argparse.Namespace) -> Path:
 
 
 def _injected(clean: Path, spec: str, seed: int) -> Path:
-    from model.inject import inject_fault
+    from model.data.faults import inject_fault
 
     out = clean.parent / f"{clean.name}__{spec.replace(':', '_').replace('=', '')}"
     if not out.exists():

@@ -166,8 +166,8 @@ def _audit(bundle, root: Path, split: str):
 
 def bench_detection(args: argparse.Namespace, work: Path) -> dict:
     from model.data import load_nih_dataset
-    from model.inject import inject_fault
-    from model.phantom import generate_phantoms
+    from model.data.faults import inject_fault
+    from model.data.phantom import generate_phantoms
     from model.train import train_bundle
 
     torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ scores them on the patient-disjoint ``test`` split:
 - ``densenet`` (only on request): torchvision DenseNet121 from scratch, the real target.
 
 Aim: proxy CNN mean AUROC about 0.75-0.9, no label near 1.0, none at chance. Tune with the
-constants in ``model/phantom.py`` (``LESION_CONTRAST``, ``SUBTLE_SHARE``, ``NOISE_LEVEL``).
+constants in ``model/data/phantom/knobs.py`` (``LESION_CONTRAST``, ``SUBTLE_SHARE``, ``NOISE_LEVEL``).
 
 Usage (from the repository root)::
 
@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.labels import CHEXNET_LABELS, NO_FINDING  # noqa: E402
-from model.phantom import generate_phantoms  # noqa: E402
+from model.data.phantom import generate_phantoms  # noqa: E402
 
 
 def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

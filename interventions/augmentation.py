@@ -8,7 +8,7 @@ Some faults live in the backbone's features, where no classifier-level change re
 * a **shortcut** (``fp_cluster``): the net learned that an artefact (a chest tube) means the
   finding. Counterfactual copies of a share of the label's NEGATIVES with the artefact drawn in —
   still labelled negative — break that correlation at its source. The artefact is the fault
-  injector's chest tube (``model.inject.draw_tube``, the one drawer injection and augmentation share);
+  injector's chest tube (``model.data.faults.draw_tube``, the one drawer injection and augmentation share);
   another kind of shortcut needs its own drawer.
 
 Only ``features.denseblock4``, ``features.norm5`` and ``classifier`` train (``fit_model`` with a
@@ -37,8 +37,8 @@ from interventions.attribution import finite_or_none, output_index, truth_index
 from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
 from model.bundle import BundleMeta
 from model.data import patient_disjoint_split, read_images
+from model.data.faults import draw_tube
 from model.features import compute_features
-from model.inject import draw_tube
 from model.labels import CHEXNET_LABELS
 from model.metrics import auroc, sigmoid, youden_threshold
 from model.train import augment_batch, fit_model, mean_auroc
@@ -82,7 +82,7 @@ def intensity_jitter(meta: BundleMeta, *, gamma: tuple[float, float] = (0.7, 1.4
 
 
 def _draw_tube_grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The fault injector's tube (:func:`model.inject.draw_tube`) drawn on a grey ``(H, W)`` image in [0, 1]
+    """The fault injector's tube (:func:`model.data.faults.draw_tube`) drawn on a grey ``(H, W)`` image in [0, 1]
     (through an 8-bit image, as the injector draws): counterfactuals carry the artefact the model learned."""
     im = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
     draw_tube(im, rng)
@@ -90,7 +90,7 @@ def _draw_tube_grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 #: Recorded in the recipe as the counterfactuals' drawer.
-_DRAWER_NAME = "model.inject.draw_tube"
+_DRAWER_NAME = "model.data.faults.draw_tube"
 
 
 def _sha(items: list[str]) -> str:

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import NIH1000, NIH_HEADER, requires_nih1000, write_nih_dataset
-from model import inject as inject_mod
+from model.data import faults as inject_mod
 from model.data import load_nih_dataset
-from model.inject import FAULT_SYNTAX, FaultSpecError, inject_fault, parse_fault
+from model.data.faults import FAULT_SYNTAX, FaultSpecError, inject_fault, parse_fault
 from model.labels import CHEXNET_LABELS
 
 LABEL = "Effusion"

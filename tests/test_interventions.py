@@ -390,7 +390,7 @@ def test_counterfactuals_carry_the_injectors_tube_as_a_thin_curve():
     """Augmentation draws the fault injector's own tube (one drawer for injection and treatment)."""
     from PIL import Image
 
-    from model.inject import draw_tube
+    from model.data.faults import draw_tube
 
     img = np.full((64, 64), 0.3, dtype=np.float32)
     out = _draw_tube_grey(img, np.random.default_rng(0))
@@ -473,7 +473,7 @@ def _tube_world(root, n: int, seed: int, tube_rule) -> tuple:
     """Flat grey 32-px images; Effusion labels at random; tubes (the injector's) where ``tube_rule`` says."""
     from PIL import Image
 
-    from model.inject import draw_tube as inject_tube
+    from model.data.faults import draw_tube as inject_tube
 
     rng = np.random.default_rng(seed)
     y = rng.random(n) < 0.4

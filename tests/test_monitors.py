@@ -574,8 +574,8 @@ def test_weighted_bootstrap_helpers_match_plain_metrics() -> None:
 def trained(tmp_path_factory):
     from model.bundle import save_bundle
     from model.data import load_nih_dataset
-    from model.inject import inject_fault
-    from model.phantom import generate_phantoms
+    from model.data.faults import inject_fault
+    from model.data.phantom import generate_phantoms
     from model.train import train_bundle
 
     torch.set_num_threads(1)

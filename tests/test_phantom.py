@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.core.errors import DataError
+from model.data import phantom
+from model.data.phantom import knobs
+from model.data.phantom import NIH_HEADER, generate_phantoms, nih_label_marginals, render_phantom, sample_label_vectors
+from model.data.phantom.writer import plan_dataset
 from model.labels import CHEXNET_LABELS, NO_FINDING, NUM_LABELS
-from model import phantom
-from model.phantom import NIH_HEADER, generate_phantoms, nih_label_marginals, render_phantom, sample_label_vectors
 
 REAL_NIH_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih1000" / "Data_Entry_2017_v2020.csv"
 
@@ -138,7 +141,7 @@ def test_sampled_marginals_match_nih() -> None:
 
 def test_dataset_plan_marginals_match_nih() -> None:
     """Follow-ups keep labels (correlated draws), but each image's marginal is still NIH's."""
-    specs, patients = phantom._plan_dataset(20000, np.random.default_rng(1))
+    specs, patients = plan_dataset(20000, np.random.default_rng(1))
     y = np.stack([s.labels for s in specs])
     ref = nih_label_marginals()
     tol = 4.5 * np.sqrt(3.0 * ref * (1 - ref) / len(y)) + 1e-3  # design effect of follow-ups
@@ -176,7 +179,7 @@ SEEDS = (11, 12, 13)
 @pytest.fixture
 def full_strength(monkeypatch: pytest.MonkeyPatch) -> None:
     """Finding tests check *where* a pattern goes, so no instance is drawn in the subtle range."""
-    monkeypatch.setattr(phantom, "SUBTLE_SHARE", 0.0)
+    monkeypatch.setattr(knobs, "SUBTLE_SHARE", 0.0)
 
 
 @pytest.mark.usefixtures("full_strength")
@@ -259,14 +262,14 @@ def test_fibrosis_is_basal() -> None:
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, param: str) -> None:
     args = {"out_dir": tmp_path / "x", "n": 4, "size": 16, "seed": 0} | kwargs
-    with pytest.raises(ValueError, match=param):
+    with pytest.raises(DataError, match=param):
         generate_phantoms(**args)
     assert not (tmp_path / "x").exists()
 
 
 def test_refuses_non_empty_out_dir(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="out_dir"):
+    with pytest.raises(DataError, match="out_dir"):
         generate_phantoms(tmp_path, n=2, size=16)
     generate_phantoms(tmp_path / "empty", n=2, size=16)  # absent is fine; so is empty
     (tmp_path / "e2").mkdir()
@@ -274,7 +277,7 @@ def test_refuses_non_empty_out_dir(tmp_path: Path) -> None:
 
 
 def test_render_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(DataError, match="size"):
         render_phantom(np.zeros(NUM_LABELS, int), 12, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(DataError, match="labels"):
         render_phantom(np.zeros(5, int), 32, np.random.default_rng(0))

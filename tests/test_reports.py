@@ -23,8 +23,8 @@ from model.bundle import new_bundle, save_bundle
 from model.clinical_report import build_report, render_report_html, write_report
 from model.gradcam import REGION_NAMES, grad_cam, locate_regions, region_shares, upsample_map
 from model.labels import CHEXNET_LABELS
+from model.data.phantom import render_phantom
 from model.nets import arch_config, build_model
-from model.phantom import render_phantom
 
 from conftest import NIH_FULLRES
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from engine.console import console, progress_task
 from engine.demo import FULL, QUICK, DemoConfig, Step, decision_code_digest, file_digest, run_step
 from engine.core.storage import atomic_write_json
-from model.inject import parse_fault
+from model.data.faults import parse_fault
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"config": cfg.__dict__, "outputs": {}}
     started = time.perf_counter()
 
-    from model.phantom import generate_phantoms
+    from model.data.phantom import generate_phantoms
 
     data = out / "data" / "phantoms"
 

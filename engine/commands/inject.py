@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.console import console, progress_task
-from model.inject import FAULT_FILE, FAULT_SYNTAX, inject_fault, parse_fault
+from model.data.faults import FAULT_FILE, FAULT_SYNTAX, inject_fault, parse_fault
 
 __all__ = ["register", "run"]
 

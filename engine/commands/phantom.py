@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.phantom import generate_phantoms
+    from model.data.phantom import generate_phantoms
 
     with progress_task("phantoms", total=args.n) as progress:
         try:

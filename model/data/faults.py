@@ -46,7 +46,7 @@ from scipy import ndimage
 from engine.core.errors import DataError, TriageError
 from engine.core.storage import atomic_write_json
 from model.bundle import TOOL_VERSION
-from model.data import MAX_IMAGE_PIXELS, SPLIT_FILES, NIHDataset, load_nih_dataset, safe_image_path
+from model.data.nih import MAX_IMAGE_PIXELS, SPLIT_FILES, NIHDataset, Record, load_nih_dataset, safe_image_path
 from model.labels import CHEXNET_LABELS, NO_FINDING
 
 __all__ = [
@@ -214,7 +214,8 @@ def draw_tube(im: Image.Image, rng: np.random.Generator) -> dict[str, Any]:
 
     A thin bright line enters from outside the body at the lateral chest wall (mid-axillary,
     lower third), curves up inside the hemithorax towards the apex and ends in a small bright tip:
-    the radiopaque drain that makes pneumothorax classifiers learn a shortcut.
+    the radiopaque drain that makes pneumothorax classifiers learn a shortcut. The one tube of the
+    project: augmentation draws its counterfactual negatives with it too.
     """
     w, h = im.size
     side = "right" if rng.random() < 0.5 else "left"  # image side
@@ -304,6 +305,8 @@ def _labels_text(vector: list[int]) -> str:
 
 @dataclass
 class _Plan:
+    """What a fault does to a dataset copy, decided before any file is written."""
+
     modify: dict[str, dict[str, Any]] = field(default_factory=dict)  # image -> record (op, params ...)
     remove: set[str] = field(default_factory=set)
     flips: list[dict[str, Any]] = field(default_factory=list)
@@ -312,89 +315,123 @@ class _Plan:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+_Planner = Callable[[dict[str, Any], NIHDataset, dict[str, str], np.random.Generator], _Plan]
+
+
 def _plan(spec: FaultSpec, ds: NIHDataset, splits: dict[str, str], seed: int) -> _Plan:
-    p = spec.params
-    plan = _Plan()
+    """The fault's plan, drawn from one random stream per (seed, fault name)."""
     rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
-    names = ds.image_names
-    labels = ds.labels
-    if spec.name == "scanner_shift":
-        for n in names:
-            plan.modify[n] = {"op": "scanner_shift"}
-        plan.affected = list(CHEXNET_LABELS)
-        plan.expected = [{"kind": "calibration_drift", "labels": list(CHEXNET_LABELS)}]
-    elif spec.name == "blur":
-        for n in names:
-            plan.modify[n] = {"op": "blur"}
-        plan.affected = list(SMALL_FINDINGS)
-        plan.expected = [{"kind": "recall_collapse", "labels": list(SMALL_FINDINGS)}]
-    elif spec.name == "shortcut":
-        if not all((ds.root / f).is_file() for f in SPLIT_FILES.values()):
-            raise DataError(f"{ds.root}: the shortcut fault needs {' and '.join(SPLIT_FILES.values())} "
-                            "(tube on train_val positives, on test negatives)")
-        k = CHEXNET_LABELS.index(p["label"])
-        all_train_pos = [n for n, y in zip(names, labels[:, k]) if y and splits.get(n) == "train_val"]
-        test_neg = [n for n, y in zip(names, labels[:, k]) if not y and splits.get(n) == "test"]
-        n_train = int(round(p["train_fraction"] * len(all_train_pos)))
-        train_pos = [all_train_pos[i] for i in sorted(rng.permutation(len(all_train_pos))[:n_train].tolist())]
-        n_pick = int(round(p["fraction"] * len(test_neg)))
-        picked = sorted(rng.permutation(len(test_neg))[:n_pick].tolist())
-        for n in train_pos:
-            plan.modify[n] = {"op": "shortcut_tube", "split": "train_val", "label_positive": True}
-        for i in picked:
-            plan.modify[test_neg[i]] = {"op": "shortcut_tube", "split": "test", "label_positive": False}
-        plan.affected = [p["label"]]
-        plan.expected = [{"kind": "fp_cluster", "labels": [p["label"]],
-                          "when": "a model trained on this folder's train_val is audited on its test split"}]
-        plan.notes = {"train_val_positives": len(all_train_pos), "train_val_positives_marked": len(train_pos),
-                      "test_negatives": len(test_neg),
-                      "test_negatives_marked": n_pick}
-    elif spec.name == "prevalence":
-        k = CHEXNET_LABELS.index(p["label"])
-        target = float(p["prevalence"])
-        achieved = {}
-        groups: dict[str, list[int]] = {}
-        for i, n in enumerate(names):
-            groups.setdefault(splits.get(n, "unlisted"), []).append(i)
-        for group, idx in sorted(groups.items()):
-            idx_arr = np.array(idx)
-            pos = idx_arr[labels[idx_arr, k] == 1]
-            neg = idx_arr[labels[idx_arr, k] == 0]
-            if target >= 1.0:
-                keep_pos, keep_neg = len(pos), 0
-            elif target <= 0.0:
-                keep_pos, keep_neg = 0, len(neg)
-            elif len(pos) / max(len(idx_arr), 1) < target:
-                keep_pos, keep_neg = len(pos), min(len(neg), int(round(len(pos) * (1 - target) / target)))
-            else:
-                keep_pos, keep_neg = min(len(pos), int(round(len(neg) * target / (1 - target)))), len(neg)
-            drop = np.r_[rng.permutation(pos)[keep_pos:], rng.permutation(neg)[keep_neg:]].astype(int)
-            plan.remove.update(names[i] for i in drop)
-            kept = keep_pos + keep_neg
-            achieved[group] = {"n": kept, "positives": keep_pos,
-                               "prevalence": (keep_pos / kept) if kept else None,
-                               "before": {"n": len(idx_arr), "positives": int(len(pos))}}
-        if len(plan.remove) == len(names):
-            raise DataError(f"{ds.root}: prevalence {target:g} for {p['label']} would remove every row "
-                            f"(the label has {int(labels[:, k].sum())} positive(s))")
-        plan.affected = [p["label"]]
-        plan.expected = [{"kind": "prevalence_shift", "labels": [p["label"]]}]
-        plan.notes = {"per_split": achieved}
-    elif spec.name == "label_noise":
-        cols = [CHEXNET_LABELS.index(p["label"])] if "label" in p else list(range(len(CHEXNET_LABELS)))
-        n_entries = len(names) * len(cols)
-        n_flip = int(round(p["rate"] * n_entries))
-        chosen = np.sort(rng.choice(n_entries, size=n_flip, replace=False))
-        for e in chosen.tolist():
-            row, c = divmod(e, len(cols))
-            k = cols[c]
-            old = int(labels[row, k])
-            plan.flips.append({"image": names[row], "label": CHEXNET_LABELS[k], "from": old, "to": 1 - old})
-        plan.affected = sorted({f["label"] for f in plan.flips}, key=CHEXNET_LABELS.index)
-        plan.expected = [{"kind": "auroc_drop", "labels": plan.affected,
-                          "when": "a model trained on the noisy labels, or audited against them"}]
-        plan.notes = {"entries": n_entries, "flipped": n_flip}
+    return _PLANNERS[spec.name](spec.params, ds, splits, rng)
+
+
+def _every_image(op: str, labels: tuple[str, ...], kind: str) -> _Planner:
+    """A planner that applies ``op`` to every image (scanner_shift, blur); ``kind`` on ``labels`` is expected."""
+
+    def plan(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
+        return _Plan(modify={n: {"op": op} for n in ds.image_names}, affected=list(labels),
+                     expected=[{"kind": kind, "labels": list(labels)}])
+
     return plan
+
+
+def _plan_shortcut(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
+    """A tube on a share of the label's train_val positives and of its test negatives."""
+    if not all((ds.root / f).is_file() for f in SPLIT_FILES.values()):
+        raise DataError(f"{ds.root}: the shortcut fault needs {' and '.join(SPLIT_FILES.values())} "
+                        "(tube on train_val positives, on test negatives)")
+    plan = _Plan()
+    names, labels = ds.image_names, ds.labels
+    k = CHEXNET_LABELS.index(p["label"])
+    all_train_pos = [n for n, y in zip(names, labels[:, k]) if y and splits.get(n) == "train_val"]
+    test_neg = [n for n, y in zip(names, labels[:, k]) if not y and splits.get(n) == "test"]
+    n_train = int(round(p["train_fraction"] * len(all_train_pos)))
+    train_pos = [all_train_pos[i] for i in sorted(rng.permutation(len(all_train_pos))[:n_train].tolist())]
+    n_pick = int(round(p["fraction"] * len(test_neg)))
+    picked = sorted(rng.permutation(len(test_neg))[:n_pick].tolist())
+    for n in train_pos:
+        plan.modify[n] = {"op": "shortcut_tube", "split": "train_val", "label_positive": True}
+    for i in picked:
+        plan.modify[test_neg[i]] = {"op": "shortcut_tube", "split": "test", "label_positive": False}
+    plan.affected = [p["label"]]
+    plan.expected = [{"kind": "fp_cluster", "labels": [p["label"]],
+                      "when": "a model trained on this folder's train_val is audited on its test split"}]
+    plan.notes = {"train_val_positives": len(all_train_pos), "train_val_positives_marked": len(train_pos),
+                  "test_negatives": len(test_neg),
+                  "test_negatives_marked": n_pick}
+    return plan
+
+
+def _prevalence_keep(n_pos: int, n_neg: int, target: float) -> tuple[int, int]:
+    """(positives, negatives) to keep of a group so that the positives' share is ``target``."""
+    if target >= 1.0:
+        return n_pos, 0
+    if target <= 0.0:
+        return 0, n_neg
+    if n_pos / max(n_pos + n_neg, 1) < target:
+        return n_pos, min(n_neg, int(round(n_pos * (1 - target) / target)))
+    return min(n_pos, int(round(n_neg * target / (1 - target)))), n_neg
+
+
+def _plan_prevalence(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
+    """Rows removed within each split (positives or negatives) until the label's prevalence is P."""
+    plan = _Plan()
+    names, labels = ds.image_names, ds.labels
+    k = CHEXNET_LABELS.index(p["label"])
+    target = float(p["prevalence"])
+    achieved = {}
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(splits.get(n, "unlisted"), []).append(i)
+    for group, idx in sorted(groups.items()):
+        idx_arr = np.array(idx)
+        pos = idx_arr[labels[idx_arr, k] == 1]
+        neg = idx_arr[labels[idx_arr, k] == 0]
+        keep_pos, keep_neg = _prevalence_keep(len(pos), len(neg), target)
+        drop = np.r_[rng.permutation(pos)[keep_pos:], rng.permutation(neg)[keep_neg:]].astype(int)
+        plan.remove.update(names[i] for i in drop)
+        kept = keep_pos + keep_neg
+        achieved[group] = {"n": kept, "positives": keep_pos,
+                           "prevalence": (keep_pos / kept) if kept else None,
+                           "before": {"n": len(idx_arr), "positives": int(len(pos))}}
+    if len(plan.remove) == len(names):
+        raise DataError(f"{ds.root}: prevalence {target:g} for {p['label']} would remove every row "
+                        f"(the label has {int(labels[:, k].sum())} positive(s))")
+    plan.affected = [p["label"]]
+    plan.expected = [{"kind": "prevalence_shift", "labels": [p["label"]]}]
+    plan.notes = {"per_split": achieved}
+    return plan
+
+
+def _plan_label_noise(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
+    """A random fraction of (image, label) entries flipped (of one label, or of all 14)."""
+    plan = _Plan()
+    names, labels = ds.image_names, ds.labels
+    cols = [CHEXNET_LABELS.index(p["label"])] if "label" in p else list(range(len(CHEXNET_LABELS)))
+    n_entries = len(names) * len(cols)
+    n_flip = int(round(p["rate"] * n_entries))
+    chosen = np.sort(rng.choice(n_entries, size=n_flip, replace=False))
+    for e in chosen.tolist():
+        row, c = divmod(e, len(cols))
+        k = cols[c]
+        old = int(labels[row, k])
+        plan.flips.append({"image": names[row], "label": CHEXNET_LABELS[k], "from": old, "to": 1 - old})
+    plan.affected = sorted({f["label"] for f in plan.flips}, key=CHEXNET_LABELS.index)
+    plan.expected = [{"kind": "auroc_drop", "labels": plan.affected,
+                      "when": "a model trained on the noisy labels, or audited against them"}]
+    plan.notes = {"entries": n_entries, "flipped": n_flip}
+    return plan
+
+
+#: One planner per fault (an explicit table: adding a fault means a row here and in FAULT_SYNTAX).
+_PLANNERS: dict[str, _Planner] = {
+    # Every label's calibration moves under a new scanner's curve; small findings lose recall first.
+    "scanner_shift": _every_image("scanner_shift", CHEXNET_LABELS, "calibration_drift"),
+    "shortcut": _plan_shortcut,
+    "blur": _every_image("blur", SMALL_FINDINGS, "recall_collapse"),
+    "prevalence": _plan_prevalence,
+    "label_noise": _plan_label_noise,
+}
+assert set(_PLANNERS) == set(FAULT_SYNTAX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +466,97 @@ def _rewrite_csv(src: Path, dst: Path, remove: set[str], relabel: dict[str, str]
     dst.write_text(out.getvalue(), encoding="utf-8")
 
 
+def _relabels(ds: NIHDataset, plan: _Plan) -> dict[str, str]:
+    """Image name -> its new ``Finding Labels`` text, for every image with a flipped label."""
+    if not plan.flips:
+        return {}
+    vectors = {r.image_index: list(r.labels) for r in ds.records}
+    for f in plan.flips:
+        vectors[f["image"]][CHEXNET_LABELS.index(f["label"])] = f["to"]
+    return {f["image"]: _labels_text(vectors[f["image"]]) for f in plan.flips}
+
+
+def _copy_tables(ds: NIHDataset, data_dir: Path, tmp: Path, plan: _Plan, relabel: dict[str, str]) -> None:
+    """The label CSV and the split lists, with removed rows dropped and flipped labels rewritten."""
+    if plan.remove or relabel:
+        _rewrite_csv(ds.csv_path, tmp / ds.csv_path.name, plan.remove, relabel)
+    else:
+        shutil.copyfile(ds.csv_path, tmp / ds.csv_path.name)
+    for fname in SPLIT_FILES.values():
+        src = data_dir / fname
+        if not src.is_file():
+            continue
+        if plan.remove:
+            kept = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and ln.strip() not in plan.remove]
+            (tmp / fname).write_text("".join(f"{n}\n" for n in kept), encoding="utf-8")
+        else:
+            shutil.copyfile(src, tmp / fname)
+
+
+def _write_modified(src: Path, dst: Path, name: str, entry: dict[str, Any], fault: FaultSpec, seed: int) -> dict[str, Any]:
+    """Write the faulted copy of one image (its own random stream); returns its record."""
+    im = _load_grey(src)
+    rng = _image_rng(seed, name)
+    record = {"image": name, **entry}
+    if entry["op"] == "scanner_shift":
+        im = _from_float(apply_scanner_shift(_to_float(im), fault.params, rng))
+    elif entry["op"] == "blur":
+        im = _from_float(apply_blur(_to_float(im), float(fault.params["sigma"])))
+    elif entry["op"] == "shortcut_tube":
+        record.update(draw_tube(im, rng))
+    _save(im, dst)
+    return record
+
+
+def _copy_images(ds: NIHDataset, tmp: Path, plan: _Plan, fault: FaultSpec, seed: int,
+                 progress: Progress | None) -> tuple[list[Record], list[dict[str, Any]]]:
+    """Every kept image into ``tmp/images``: untouched ones byte for byte, planned ones faulted.
+
+    Returns (the kept records, the records of the modified images)."""
+    modified: list[dict[str, Any]] = []
+    kept_records = [r for r in ds.records if r.image_index not in plan.remove]
+    for i, rec in enumerate(kept_records):
+        name = rec.image_index
+        src = safe_image_path(ds.images_dir, name, where=str(ds.csv_path))
+        dst = safe_image_path(tmp / "images", name, where=str(ds.csv_path))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        entry = plan.modify.get(name)
+        if entry is None:
+            shutil.copyfile(src, dst)
+        else:
+            modified.append(_write_modified(src, dst, name, entry, fault, seed))
+        if progress is not None:
+            progress(i + 1, len(kept_records))
+    return kept_records, modified
+
+
+def _fault_record(fault: FaultSpec, seed: int, data_dir: Path, ds: NIHDataset, tmp: Path, plan: _Plan,
+                  kept_records: list[Record], modified: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``fault.json`` record: the spec, what changed, and the copy's manifest hash."""
+    return {
+        "format": "cxr-triage-fault",
+        "format_version": 1,
+        "fault": fault.name,
+        "spec": fault.text,
+        "params": fault.params,
+        "seed": seed,
+        "source": str(data_dir),
+        "source_manifest_hash": ds.manifest_hash(),
+        "csv": ds.csv_path.name,
+        "affected_labels": plan.affected,
+        "expected_issues": plan.expected,
+        "manifest_hash": load_nih_dataset(tmp, "all").manifest_hash(),
+        "n_images": len(kept_records),
+        "n_modified": len(modified),
+        "modified_images": modified,
+        "removed_images": sorted(plan.remove),
+        "label_flips": plan.flips,
+        "notes": plan.notes,
+        "tool_version": TOOL_VERSION,
+    }
+
+
 def inject_fault(data_dir: str | Path, spec: str | FaultSpec, out_dir: str | Path, *, seed: int = 0,
                  progress: Progress | None = None) -> dict[str, Any]:
     """Write a copy of ``data_dir`` with the fault ``spec`` into ``out_dir``; returns the fault record.
@@ -440,80 +568,17 @@ def inject_fault(data_dir: str | Path, spec: str | FaultSpec, out_dir: str | Pat
     fault = spec if isinstance(spec, FaultSpec) else parse_fault(spec)
     ds = load_nih_dataset(data_dir, "all")
     _check_out(data_dir, out_dir)
-    splits = _split_of(data_dir)
-    plan = _plan(fault, ds, splits, seed)
-
-    relabel: dict[str, str] = {}
-    if plan.flips:
-        vectors = {r.image_index: list(r.labels) for r in ds.records}
-        for f in plan.flips:
-            vectors[f["image"]][CHEXNET_LABELS.index(f["label"])] = f["to"]
-        relabel = {f["image"]: _labels_text(vectors[f["image"]]) for f in plan.flips}
+    plan = _plan(fault, ds, _split_of(data_dir), seed)
+    relabel = _relabels(ds, plan)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()  # (not mkdtemp: that would make the finished dataset folder private, mode 0700)
     try:
         (tmp / "images").mkdir()
-        if plan.remove or relabel:
-            _rewrite_csv(ds.csv_path, tmp / ds.csv_path.name, plan.remove, relabel)
-        else:
-            shutil.copyfile(ds.csv_path, tmp / ds.csv_path.name)
-        for fname in SPLIT_FILES.values():
-            src = data_dir / fname
-            if not src.is_file():
-                continue
-            if plan.remove:
-                kept = [ln.strip() for ln in src.read_text(encoding="utf-8").splitlines()
-                        if ln.strip() and ln.strip() not in plan.remove]
-                (tmp / fname).write_text("".join(f"{n}\n" for n in kept), encoding="utf-8")
-            else:
-                shutil.copyfile(src, tmp / fname)
-        modified: list[dict[str, Any]] = []
-        kept_records = [r for r in ds.records if r.image_index not in plan.remove]
-        for i, rec in enumerate(kept_records):
-            name = rec.image_index
-            src = safe_image_path(ds.images_dir, name, where=str(ds.csv_path))
-            dst = safe_image_path(tmp / "images", name, where=str(ds.csv_path))
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            entry = plan.modify.get(name)
-            if entry is None:
-                shutil.copyfile(src, dst)
-            else:
-                im = _load_grey(src)
-                rng = _image_rng(seed, name)
-                record = {"image": name, **entry}
-                if entry["op"] == "scanner_shift":
-                    im = _from_float(apply_scanner_shift(_to_float(im), fault.params, rng))
-                elif entry["op"] == "blur":
-                    im = _from_float(apply_blur(_to_float(im), float(fault.params["sigma"])))
-                elif entry["op"] == "shortcut_tube":
-                    record.update(draw_tube(im, rng))
-                _save(im, dst)
-                modified.append(record)
-            if progress is not None:
-                progress(i + 1, len(kept_records))
-        record_out = {
-            "format": "cxr-triage-fault",
-            "format_version": 1,
-            "fault": fault.name,
-            "spec": fault.text,
-            "params": fault.params,
-            "seed": seed,
-            "source": str(data_dir),
-            "source_manifest_hash": ds.manifest_hash(),
-            "csv": ds.csv_path.name,
-            "affected_labels": plan.affected,
-            "expected_issues": plan.expected,
-            "manifest_hash": load_nih_dataset(tmp, "all").manifest_hash(),
-            "n_images": len(kept_records),
-            "n_modified": len(modified),
-            "modified_images": modified,
-            "removed_images": sorted(plan.remove),
-            "label_flips": plan.flips,
-            "notes": plan.notes,
-            "tool_version": TOOL_VERSION,
-        }
+        _copy_tables(ds, data_dir, tmp, plan, relabel)
+        kept_records, modified = _copy_images(ds, tmp, plan, fault, seed, progress)
+        record_out = _fault_record(fault, seed, data_dir, ds, tmp, plan, kept_records, modified)
         atomic_write_json(tmp / FAULT_FILE, record_out)
         if out_dir.exists():
             out_dir.rmdir()  # checked empty above
