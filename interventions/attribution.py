@@ -27,7 +27,6 @@ __all__ = [
     "output_index",
     "truth_index",
     "classifier_row",
-    "logit_threshold",
     "contributions",
     "group_mean_contribution",
     "top_channels",
@@ -71,12 +70,6 @@ def classifier_row(bundle: Bundle, label: str) -> tuple[int, np.ndarray, float]:
     w = head.weight.detach().cpu().to(torch.float64)[k].numpy().copy()
     b = float(head.bias.detach().cpu()[k]) if head.bias is not None else 0.0
     return k, w, b
-
-
-def logit_threshold(prob_threshold: float) -> float:
-    """The logit at which ``sigmoid(logit) == prob_threshold`` (predictions are ``prob >= threshold``)."""
-    p = min(max(float(prob_threshold), 1e-12), 1.0 - 1e-12)
-    return math.log(p / (1.0 - p))
 
 
 def contributions(features: np.ndarray, weight_row: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 
 from engine.core.errors import InterventionError
 from engine.core.validation import LocatedError
+from interventions.attribution import truth_index
 from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
 from model.labels import CHEXNET_LABELS
 from model.metrics import confusion_at, expected_calibration_error, sigmoid, youden_threshold
@@ -135,10 +136,6 @@ def fit_threshold(y: np.ndarray, probs: np.ndarray, method: str = "youden", **pa
                             f"Got {method!r} instead.")
 
 
-def _truth_column(label: str) -> int | None:
-    return CHEXNET_LABELS.index(label) if label in CHEXNET_LABELS else None
-
-
 class ThresholdIntervention(Intervention):
     """Refit per-label operating thresholds on the fit split (no weight changes)."""
 
@@ -178,7 +175,7 @@ class ThresholdIntervention(Intervention):
 
     def _targets(self, ctx: TreatmentContext, scope: str) -> list[str]:
         if scope == "all":
-            return [name for name in ctx.bundle.labels if _truth_column(name) is not None]
+            return [name for name in ctx.bundle.labels if name in CHEXNET_LABELS]
         return [ctx.fact.label] if ctx.fact.label is not None else []
 
     def _applicable(self, ctx: TreatmentContext, params: ThresholdIntervention.Params) -> tuple[bool, str]:
@@ -186,10 +183,10 @@ class ThresholdIntervention(Intervention):
         if not targets:
             return False, "the fact names no label and scope is 'label'"
         for label in targets:
-            if label not in ctx.bundle.labels or _truth_column(label) is None:
+            if label not in ctx.bundle.labels or label not in CHEXNET_LABELS:
                 return False, f"label {label!r} is not an output of this model with ground truth in the data"
         if params.scope == "label":
-            y = ctx.fit.labels[:, _truth_column(targets[0])]
+            y = ctx.fit.labels[:, truth_index(targets[0])]
             negatives_only = reference_fp_rate(ctx.fact, targets[0]) is not None
             if y.all() or not (y.any() or negatives_only):
                 return False, f"the fit split has only one class for {targets[0]} ({int(y.sum())}/{len(y)} positive)"
@@ -208,7 +205,7 @@ class ThresholdIntervention(Intervention):
             label = ctx.fact.label
             k_out = ctx.bundle.labels.index(label)
             before_logits = logits[:, k_out].copy()
-            y_fit = ctx.fit.labels[:, _truth_column(label)]
+            y_fit = ctx.fit.labels[:, truth_index(label)]
             # with no positive on the fit split the likelihood has no finite optimum: no intercept shift
             delta = fit_logit_offset(y_fit, before_logits) if y_fit.any() else 0.0
             with torch.no_grad():
@@ -224,7 +221,7 @@ class ThresholdIntervention(Intervention):
         skipped: list[str] = []
         for label in self._targets(ctx, params.scope):
             k_out = ctx.bundle.labels.index(label)
-            y = ctx.fit.labels[:, _truth_column(label)]
+            y = ctx.fit.labels[:, truth_index(label)]
             ref_fp = reference_fp_rate(ctx.fact, label)
             few = ref_fp is not None and int(y.sum()) < MIN_YOUDEN_POSITIVES
             if y.all() or not (y.any() or few):

@@ -46,11 +46,11 @@ from pydantic import Field
 from engine.core.errors import InterventionError
 from interventions.attribution import (
     check_features_match, classifier_layer, classifier_row, contributions, evidence_channels, evidence_members,
-    head_logits, logit_threshold, output_index, truth_index,
+    head_logits, output_index, truth_index,
 )
 from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
 from model.bundle import Bundle
-from model.metrics import auroc, sigmoid
+from model.metrics import auroc, logit, sigmoid
 
 __all__ = ["ZeroingIntervention", "ClusterOnFit", "resolve_cluster", "select_channels"]
 
@@ -299,7 +299,7 @@ class ZeroingIntervention(Intervention):
         k_out, w, b = classifier_row(ctx.bundle, label)
         y = ctx.fit.labels[:, truth_index(label)].astype(bool)
         thr = float(ctx.bundle.meta.thresholds[k_out])
-        tau = logit_threshold(thr)
+        tau = logit(thr)  # the logit at which sigmoid(logit) == thr (predictions are prob >= thr)
         cluster = resolve_cluster(ctx, params.min_cluster)
         if len(cluster.rows) == 0:
             raise InterventionError(f"zeroing: no false positive of the {label} cluster in the fit split")
