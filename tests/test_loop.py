@@ -496,7 +496,7 @@ def test_cli_triage_exit_codes_outputs_and_audit(world: World, tmp_path: Path, c
     out = capsys.readouterr().out
     assert "approval" in out and "PASSED" in out
     # The regulator's HTML report renders from this run's records (when that module is installed).
-    if (Path(__file__).resolve().parents[1] / "engine" / "report_html.py").is_file():
+    if (Path(__file__).resolve().parents[1] / "engine" / "reports" / "run_report.py").is_file():
         assert main(["audit", "report", str(tmp_path / "run2")]) == 0
         assert "threshold" in (tmp_path / "run2" / "report.html").read_text()
     # One changed byte in a stored record: verify fails and names it.

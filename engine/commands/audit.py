@@ -1,6 +1,6 @@
 """``cli.py audit verify|show|export [report]``: the audit trail for regulators.
 
-``report`` is contributed by ``engine.report_html.add_report_subcommand(subparsers)`` when that
+``report`` is contributed by ``engine.reports.run_report.add_report_subcommand(subparsers)`` when that
 module exists; this file owns the other three.
 """
 
@@ -64,9 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_export)
 
     try:
-        report_module = importlib.import_module("engine.report_html")
+        report_module = importlib.import_module("engine.reports.run_report")
     except ModuleNotFoundError as exc:
-        if exc.name != "engine.report_html":
+        if exc.name != "engine.reports.run_report":
             raise
     else:
         add = getattr(report_module, "add_report_subcommand", None)

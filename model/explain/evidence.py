@@ -34,10 +34,10 @@ import torch
 from engine.core.errors import BundleError, DataError
 from engine.core.storage import atomic_write_json, atomic_write_text, sha256_bytes
 from model.bundle import Bundle
-from model.channels import LabelStats, polarized_channels, shipped_label_stats
+from model.explain.channels import LabelStats, polarized_channels, shipped_label_stats
 from model.data import read_image
 from model.features import to_model_input
-from model.gradcam import OUTSIDE, REGION_NAMES, RegionMap, grad_cam, locate_regions, region_shares, upsample_map
+from model.explain.gradcam import OUTSIDE, REGION_NAMES, RegionMap, grad_cam, locate_regions, region_shares, upsample_map
 
 __all__ = [
     "CONFIDENT_MARGIN",

@@ -150,7 +150,7 @@ def _fig(w: float, h: float) -> Any:
 
 
 def _uri(fig: Any) -> str:
-    from model.clinical_report import png_data_uri
+    from model.explain.evidence import png_data_uri
 
     return png_data_uri(fig)
 
