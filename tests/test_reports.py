@@ -20,7 +20,7 @@ from engine.core.errors import BundleError, DataError
 from engine.reports.run_report import collect_run, render_run_report
 from engine.core.storage import atomic_write_json, sha256_file
 from model.bundle import new_bundle, save_bundle
-from model.explain.evidence import build_report, render_report_html, write_report
+from engine.reports.clinical import build_report, render_report_html, write_report
 from model.densenet import arch_config, build_model
 from model.explain.gradcam import REGION_NAMES, grad_cam, locate_regions, region_shares, upsample_map
 from model.labels import CHEXNET_LABELS
