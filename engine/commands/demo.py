@@ -9,10 +9,20 @@ from typing import Any
 
 from rich.table import Table
 
+import engine.commands.audit as audit_command
+import engine.commands.compress as compress_command
+import engine.commands.inject as inject_command
+import engine.commands.report as report_command
+import engine.commands.train as train_command
+import engine.commands.triage as triage_command
+from engine.commands.dispatch import build_parser, run_command_line
 from engine.console import console, progress_task
 from engine.demo import FULL, QUICK, DemoConfig, Step, decision_code_digest, file_digest, run_step
 from engine.core.storage import atomic_write_json
 from model.inject import parse_fault
+
+#: The commands the demo runs, as a user would type them.
+_DEMO_COMMANDS = (compress_command, inject_command, train_command, triage_command, audit_command, report_command)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,10 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _cli(argv: list[str]) -> int:
     """Run one CLI command in-process (the demo is the commands a user would type)."""
-    from cli import main
-
     console.print(f"[dim]$ python cli.py {' '.join(argv)}[/]")
-    return main(argv)
+    return run_command_line(build_parser(_DEMO_COMMANDS), argv)
 
 
 def _checked(argv: list[str], ok: tuple[int, ...] = (0,)) -> int:
