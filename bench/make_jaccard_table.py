@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.channels import LabelStats, SHIPPED_JACCARD  # noqa: E402
+from model.explain.channels import LabelStats, SHIPPED_JACCARD  # noqa: E402
 
 DEFAULT_CSV = REPO.parent / "shared" / "data" / "nih_labels" / "Data_Entry_2017_v2020.csv.gz"
 OUT = REPO / "model" / "resources" / SHIPPED_JACCARD

@@ -47,6 +47,8 @@ __all__ = [
     "AuditStore",
     "to_jsonable",
     "record_hash",
+    "open_store",
+    "resolve_run",
 ]
 
 #: ``prev_hash`` of the first record.
@@ -403,6 +405,32 @@ class AuditStore:
 
         lines = [canonical_json(rec.to_dict()) for rec in self.records()]
         return atomic_write_bytes(path, b"".join(line + b"\n" for line in lines))
+
+
+def open_store(path: Path) -> AuditStore:
+    """Open an existing store; refuses to create one (a typo must not look like an empty, valid trail)."""
+    if not path.is_file():
+        raise AuditError(f"{path}: audit store does not exist")
+    return AuditStore(path, create=False)
+
+
+def resolve_run(store: AuditStore, run: str) -> str:
+    """A run id from an id, a unique id prefix, or a run folder holding decision.json."""
+    candidate = Path(run)
+    if (candidate / "decision.json").is_file():
+        try:
+            return str(json.loads((candidate / "decision.json").read_text())["run_id"])
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise AuditError(f"{candidate / 'decision.json'}: no run_id in it ({exc})") from exc
+    ids = store.run_ids()
+    if run in ids:
+        return run
+    matches = [r for r in ids if r.startswith(run)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise AuditError(f"{store.path}: no run {run!r}; known runs: {', '.join(ids[-10:]) or 'none'}")
+    raise AuditError(f"{store.path}: run prefix {run!r} is ambiguous: {', '.join(matches)}")
 
 
 def _hash_matches(fields: Mapping[str, Any], seq: int) -> bool:

@@ -13,7 +13,7 @@ import torch
 from cli import main
 from engine.core.errors import DataError
 from model.bundle import new_bundle, save_bundle
-from model.channels import (
+from model.explain.channels import (
     LabelStats,
     analyze_channels,
     jaccard_category,

@@ -17,11 +17,11 @@ from torch import nn
 from cli import main
 from engine.audit import AuditStore
 from engine.core.errors import BundleError, DataError
-from engine.report_html import collect_run, render_run_report
+from engine.reports.run_report import collect_run, render_run_report
 from engine.core.storage import atomic_write_json, sha256_file
 from model.bundle import new_bundle, save_bundle
-from model.clinical_report import build_report, render_report_html, write_report
-from model.gradcam import REGION_NAMES, grad_cam, locate_regions, region_shares, upsample_map
+from engine.reports.clinical import build_report, render_report_html, write_report
+from model.explain.gradcam import REGION_NAMES, grad_cam, locate_regions, region_shares, upsample_map
 from model.labels import CHEXNET_LABELS
 from model.data.phantom import render_phantom
 from model.nets import arch_config, build_model

@@ -11,9 +11,9 @@ from engine.commands.common import load_model
 from engine.console import console, progress_task
 from engine.core.errors import BundleError, DataError
 from engine.core.storage import atomic_write_json
-from model.channels import CATEGORIES, LabelStats, analyze_channels
-from model.clinical_report import check_bundle
 from model.data import load_nih_dataset
+from model.explain.channels import CATEGORIES, LabelStats, analyze_channels
+from model.explain.evidence import check_bundle
 
 __all__ = ["register", "run_channels"]
 

@@ -1,13 +1,12 @@
-"""``cli.py audit verify|show|export [report]``: the audit trail for regulators.
+"""``cli.py audit verify|show|export|report``: the audit trail for regulators.
 
-``report`` is contributed by ``engine.report_html.add_report_subcommand(subparsers)`` when that
-module exists; this file owns the other three.
+The store and its open/resolve helpers live in :mod:`engine.audit`; ``report`` renders one run
+with :mod:`engine.reports.run_report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,14 @@ from typing import Any
 from rich.markup import escape
 from rich.padding import Padding
 
-from engine.audit import AuditRecord, AuditStore
+from engine.audit import AuditRecord, open_store, resolve_run
 from engine.console import console
-from engine.core.errors import EXIT_ERROR, EXIT_OK, AuditError
+from engine.core.errors import EXIT_ERROR, EXIT_OK
+from engine.core.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, canonical_json
+from engine.reports.run_figures import draw_run_figures
+from engine.reports.run_report import collect_run, render_run_html
 
-__all__ = ["register", "open_store", "resolve_run", "summarise"]
+__all__ = ["register", "add_report_subcommand", "summarise"]
 
 
 def _add_audit_arg(p: argparse.ArgumentParser) -> None:
@@ -63,49 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--run", metavar="RUN", help="only this run's records (not independently verifiable)")
     e.set_defaults(func=run_export)
 
-    try:
-        report_module = importlib.import_module("engine.report_html")
-    except ModuleNotFoundError as exc:
-        if exc.name != "engine.report_html":
-            raise
-    else:
-        add = getattr(report_module, "add_report_subcommand", None)
-        if add is not None:
-            add(actions)
-
-
-def open_store(path: Path) -> AuditStore:
-    """Open an existing store; refuses to create one (a typo must not look like an empty, valid trail)."""
-    if not path.is_file():
-        raise AuditError(f"{path}: audit store does not exist")
-    return AuditStore(path, create=False)
-
-
-def resolve_run(store: AuditStore, run: str) -> str:
-    """A run id from an id, a unique id prefix, or a run folder holding decision.json."""
-    candidate = Path(run)
-    if (candidate / "decision.json").is_file():
-        try:
-            return str(json.loads((candidate / "decision.json").read_text())["run_id"])
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise AuditError(f"{candidate / 'decision.json'}: no run_id in it ({exc})") from exc
-    ids = store.run_ids()
-    if run in ids:
-        return run
-    matches = [r for r in ids if r.startswith(run)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise AuditError(f"{store.path}: no run {run!r}; known runs: {', '.join(ids[-10:]) or 'none'}")
-    raise AuditError(f"{store.path}: run prefix {run!r} is ambiguous: {', '.join(matches)}")
+    add_report_subcommand(actions)
 
 
 def run_verify(args: argparse.Namespace) -> int:
     with open_store(args.audit) as store:
         report = store.verify(expect_head=args.expect_head)
     if args.json:
-        from engine.core.storage import atomic_write_json
-
         atomic_write_json(args.json, {"ok": report.ok, "n_records": report.n_records, "problems": report.problems,
                                       "head_seq": report.head_seq, "head_hash": report.head_hash})
     if report.ok:
@@ -190,8 +156,6 @@ def run_show(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     with open_store(args.audit) as store:
         if args.run:
-            from engine.core.storage import atomic_write_bytes, canonical_json
-
             run_id = resolve_run(store, args.run)
             records = store.records(run_id)
             atomic_write_bytes(args.out, b"".join(canonical_json(r.to_dict()) + b"\n" for r in records))
@@ -200,4 +164,47 @@ def run_export(args: argparse.Namespace) -> int:
             store.export_jsonl(args.out)
             n = store.verify().n_records
     console.print(f"wrote {n} record(s) to {args.out}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# `cli.py audit report RUN [--audit PATH] [--out FILE]`
+
+
+def add_report_subcommand(actions: argparse._SubParsersAction) -> None:
+    """Add ``report`` to the ``audit`` subcommands."""
+    r = actions.add_parser(
+        "report",
+        help="write a self-contained HTML report of one triage run for a regulator",
+        description="Render one run from the audit store: the run's facts and hashes, every issue, every "
+        "candidate with its cost and the rule that proposed it, the decision and its rationale, verification "
+        "checks and before/after metrics on the verify split (with figures), the outcome, and the audit chain's "
+        "verification status. decision.json and the treated bundle in the run folder are checked against the "
+        "hashes in the audit records.",
+    )
+    r.add_argument("run", metavar="RUN", help="run id (a unique prefix is enough) or a run folder with decision.json")
+    r.add_argument("--audit", type=Path, metavar="PATH",
+                   help="audit store (default: audit.db next to the run folder, as `triage` writes it)")
+    r.add_argument("--out", type=Path, metavar="FILE",
+                   help="output HTML (default: RUN/report.html for a run folder, else run-<id>.html)")
+    r.set_defaults(func=run_report, usage_error=r.error)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    run_path = Path(args.run)
+    is_folder = (run_path / "decision.json").is_file()
+    audit = args.audit
+    if audit is None:
+        if not is_folder:
+            args.usage_error("--audit PATH is required unless RUN is a run folder (then RUN/../audit.db is used)")
+        audit = run_path.resolve().parent / "audit.db"
+    with open_store(audit) as store:
+        run_id = resolve_run(store, args.run)
+        out = args.out or (run_path / "report.html" if is_folder else Path(f"run-{run_id}.html"))
+        info = collect_run(store, run_id, run_path if is_folder else None)
+        atomic_write_text(out, render_run_html(info, draw_run_figures(info)))
+    chain = info["chain"]
+    status = "[green]intact[/]" if chain["ok"] else f"[bold red]BROKEN ({len(chain['problems'])} problem(s))[/]"
+    console.print(f"Wrote {out} for run {run_id} ({len(info['records'])} records; audit chain {status}; "
+                  f"{info['decision_check']})", highlight=False)
     return EXIT_OK

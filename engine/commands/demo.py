@@ -9,10 +9,20 @@ from typing import Any
 
 from rich.table import Table
 
+import engine.commands.audit as audit_command
+import engine.commands.compress as compress_command
+import engine.commands.inject as inject_command
+import engine.commands.report as report_command
+import engine.commands.train as train_command
+import engine.commands.triage as triage_command
+from engine.commands.dispatch import build_parser, run_command_line
 from engine.console import console, progress_task
 from engine.demo import FULL, QUICK, DemoConfig, Step, decision_code_digest, file_digest, run_step
 from engine.core.storage import atomic_write_json
 from model.data.faults import parse_fault
+
+#: The commands the demo runs, as a user would type them.
+_DEMO_COMMANDS = (compress_command, inject_command, train_command, triage_command, audit_command, report_command)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +107,15 @@ def run(args: argparse.Namespace) -> int:
               reused, time.perf_counter() - t)
     summary["outputs"]["evaluation"] = str(eval_path)
 
-    stages = _later_stages(cfg, out, data, model_path, stamps, summary)
+    _print_summary(_later_stages(cfg, out, data, model_path, stamps, summary), summary)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(out / "summary.json", summary)
+    console.print(f"Finished in {summary['seconds']:.1f} s. Summary: {out / 'summary.json'}")
+    return 0
+
+
+def _print_summary(stages: list[tuple[str, ...]], summary: dict[str, Any]) -> None:
+    """The triage table and where every output is."""
     console.print()
     table = Table(title="demo summary")
     for col in ("scenario", "model", "policy", "issues found", "decision", "outcome", "exit"):
@@ -111,18 +129,12 @@ def run(args: argparse.Namespace) -> int:
     for key, value in summary["outputs"].items():
         paths.add_row(key, value)
     console.print(paths)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_json(out / "summary.json", summary)
-    console.print(f"Finished in {summary['seconds']:.1f} s. Summary: {out / 'summary.json'}")
-    return 0
 
 
 def _cli(argv: list[str]) -> int:
     """Run one CLI command in-process (the demo is the commands a user would type)."""
-    from cli import main
-
     console.print(f"[dim]$ python cli.py {' '.join(argv)}[/]")
-    return main(argv)
+    return run_command_line(build_parser(_DEMO_COMMANDS), argv)
 
 
 def _checked(argv: list[str], ok: tuple[int, ...] = (0,)) -> int:
@@ -152,19 +164,8 @@ def _decision_summary(run_dir: Path) -> tuple[str, str, str]:
     return (shown or "none", decided, str(record.get("outcome", "?")))
 
 
-def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stamps: Path,
-                  summary: dict[str, Any]) -> list[tuple[str, ...]]:
-    """compress -> inject faults -> triage each -> reports. Returns the summary table rows."""
-    import shutil
-
-    policies = Path(__file__).resolve().parents[2] / "policies"
-    default_policy, cheap_policy = policies / "default.yaml", policies / "cheap_retraining.yaml"
-    models, faults, runs, reports = out / "models", out / "data", out / "runs", out / "reports"
-    audit = out / "audit.db"
-    rows: list[tuple[str, ...]] = []
-
-    compressed = models / "compressed.safetensors"
-
+def _compress_step(cfg: DemoConfig, data: Path, model_path: Path, compressed: Path, reports: Path, stamps: Path,
+                   summary: dict[str, Any]) -> None:
     def compress() -> dict:
         _checked(["compress", "--model", str(model_path), "--data", str(data), "--out", str(compressed),
                   "--target-reduction", "0.5", "--seed", str(cfg.seed),
@@ -176,6 +177,11 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
     _announce(f"compress to half the parameters → {compressed}", reused, time.perf_counter() - t)
     summary["outputs"]["compressed model"] = str(compressed)
     summary["outputs"]["compression report"] = str(reports / "compression.json")
+
+
+def _inject_steps(cfg: DemoConfig, data: Path, faults: Path, stamps: Path, summary: dict[str, Any]) -> dict[str, Path]:
+    """One faulty copy of the data per scenario; returns {scenario: folder}."""
+    import shutil
 
     scenarios = {"scanner_shift": "scanner_shift", "blur": "blur", "shortcut": "shortcut:Pneumothorax"}
     fault_dirs = {}
@@ -196,70 +202,73 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
         _announce(f"inject {spec} → {target}", reused, time.perf_counter() - t)
         fault_dirs[name] = target
         summary["outputs"][f"fault {name}"] = str(target)
+    return fault_dirs
 
-    # The shortcut scenario is a model that learned the tube on the site's own training data.
-    shortcut_model = models / "shortcut_model.safetensors"
 
+def _train_shortcut_step(cfg: DemoConfig, shortcut_data: Path, shortcut_model: Path, stamps: Path,
+                         summary: dict[str, Any]) -> None:
+    """The shortcut scenario is a model that learned the tube on the site's own training data."""
     def train_shortcut() -> dict:
-        return {"exit": _checked(["train", "--data", str(fault_dirs["shortcut"]), "--out", str(shortcut_model),
+        return {"exit": _checked(["train", "--data", str(shortcut_data), "--out", str(shortcut_model),
                                   "--arch", cfg.preset, "--image-size", str(cfg.image_size),
                                   "--epochs", str(cfg.epochs), "--seed", str(cfg.seed)])}
 
     t = time.perf_counter()
     reused, _ = run_step(Step("train_shortcut", (shortcut_model,),
-                              {"data": file_digest(fault_dirs["shortcut"]), "preset": cfg.preset,
+                              {"data": file_digest(shortcut_data), "preset": cfg.preset,
                                "epochs": cfg.epochs, "seed": cfg.seed}), stamps, train_shortcut)
     _announce(f"train on the shortcut-contaminated training split → {shortcut_model}", reused,
               time.perf_counter() - t)
     summary["outputs"]["shortcut model"] = str(shortcut_model)
 
-    triages = [
-        ("scanner_shift", compressed, fault_dirs["scanner_shift"], default_policy, ["--parent", str(model_path)]),
-        ("blur", compressed, fault_dirs["blur"], default_policy, ["--parent", str(model_path)]),
-        ("shortcut", shortcut_model, fault_dirs["shortcut"], default_policy, []),
-        # The same scenario under a site's policy where classifier retraining is the cheapest fix
-        # and a new operating point costs more: it retrains where the default re-thresholds.
-        ("scanner_shift", compressed, fault_dirs["scanner_shift"], cheap_policy, ["--parent", str(model_path)]),
-    ]
-    code_hash = decision_code_digest()
-    for scenario, model, dataset, policy, extra in triages:
-        run_dir = runs / f"{scenario}-{policy.stem}"
 
-        def triage(model: Path = model, dataset: Path = dataset, policy: Path = policy, run_dir: Path = run_dir,
-                   extra: list[str] = extra) -> dict:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            code = _checked(["triage", "--model", str(model), "--data", str(dataset), "--policy", str(policy),
-                             "--out", str(run_dir), "--audit", str(audit), "--seed", str(cfg.seed), *extra],
-                            ok=(0, 3, 4))
-            return {"exit": code}
+def _triage_step(cfg: DemoConfig, scenario: str, model: Path, dataset: Path, policy: Path, extra: list[str],
+                 runs: Path, reports: Path, audit: Path, code_hash: str, stamps: Path,
+                 summary: dict[str, Any]) -> tuple[str, ...]:
+    """Triage one scenario under one policy, then its regulator report; returns its summary row."""
+    import shutil
 
-        t = time.perf_counter()
-        reused, info = run_step(Step(f"triage_{run_dir.name}", (run_dir / "decision.json",),
-                                     {"model": file_digest(model), "data": file_digest(dataset),
-                                      "policy": file_digest(policy), "seed": cfg.seed, "code": code_hash}),
-                                stamps, triage)
-        _announce(f"triage {scenario} with {policy.name} → {run_dir}", reused, time.perf_counter() - t)
-        issues, decided, outcome = _decision_summary(run_dir)
-        rows.append((scenario, model.stem, policy.stem, issues, decided, outcome, str(info.get("exit"))))
-        summary["outputs"][f"run {run_dir.name}"] = str(run_dir)
+    run_dir = runs / f"{scenario}-{policy.stem}"
 
-        report_file = reports / f"run-{run_dir.name}.html"
+    def triage() -> dict:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        code = _checked(["triage", "--model", str(model), "--data", str(dataset), "--policy", str(policy),
+                         "--out", str(run_dir), "--audit", str(audit), "--seed", str(cfg.seed), *extra],
+                        ok=(0, 3, 4))
+        return {"exit": code}
 
-        def run_report(run_dir: Path = run_dir, report_file: Path = report_file) -> dict:
-            _checked(["audit", "report", str(run_dir), "--audit", str(audit), "--out", str(report_file)])
-            return {}
+    t = time.perf_counter()
+    reused, info = run_step(Step(f"triage_{run_dir.name}", (run_dir / "decision.json",),
+                                 {"model": file_digest(model), "data": file_digest(dataset),
+                                  "policy": file_digest(policy), "seed": cfg.seed, "code": code_hash}),
+                            stamps, triage)
+    _announce(f"triage {scenario} with {policy.name} → {run_dir}", reused, time.perf_counter() - t)
+    issues, decided, outcome = _decision_summary(run_dir)
+    row = (scenario, model.stem, policy.stem, issues, decided, outcome, str(info.get("exit")))
+    summary["outputs"][f"run {run_dir.name}"] = str(run_dir)
 
-        run_step(Step(f"run_report_{run_dir.name}", (report_file,),
-                      {"run": file_digest(run_dir / "decision.json")}), stamps, run_report)
-        summary["outputs"][f"regulator report {run_dir.name}"] = str(report_file)
+    report_file = reports / f"run-{run_dir.name}.html"
+
+    def run_report() -> dict:
+        _checked(["audit", "report", str(run_dir), "--audit", str(audit), "--out", str(report_file)])
+        return {}
+
+    run_step(Step(f"run_report_{run_dir.name}", (report_file,),
+                  {"run": file_digest(run_dir / "decision.json")}), stamps, run_report)
+    summary["outputs"][f"regulator report {run_dir.name}"] = str(report_file)
+    return row
+
+
+def _clinical_reports_step(data: Path, compressed: Path, clinical: Path, stamps: Path) -> int:
+    """Clinical reports for the first three test images with a finding; returns how many."""
+    import shutil
 
     from model.data import load_nih_dataset
 
     test = load_nih_dataset(data, "test")
     positives = [i for i in range(len(test)) if test.labels[i].any()][:3]
     images = [str(test.image_path(i)) for i in positives]
-    clinical = reports / "clinical"
 
     def clinical_reports() -> dict:
         if clinical.exists():
@@ -274,6 +283,37 @@ def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stam
     reused, _ = run_step(Step("clinical_reports", (clinical,), {"model": file_digest(compressed), "images": images}),
                          stamps, clinical_reports)
     _announce(f"clinical reports for {len(images)} test images → {clinical}", reused, time.perf_counter() - t)
+    return len(images)
+
+
+def _later_stages(cfg: DemoConfig, out: Path, data: Path, model_path: Path, stamps: Path,
+                  summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    """compress -> inject faults -> triage each -> reports. Returns the summary table rows."""
+    policies = Path(__file__).resolve().parents[2] / "policies"
+    default_policy, cheap_policy = policies / "default.yaml", policies / "cheap_retraining.yaml"
+    models, faults, runs, reports = out / "models", out / "data", out / "runs", out / "reports"
+    audit = out / "audit.db"
+
+    compressed = models / "compressed.safetensors"
+    _compress_step(cfg, data, model_path, compressed, reports, stamps, summary)
+    fault_dirs = _inject_steps(cfg, data, faults, stamps, summary)
+    shortcut_model = models / "shortcut_model.safetensors"
+    _train_shortcut_step(cfg, fault_dirs["shortcut"], shortcut_model, stamps, summary)
+
+    triages = [
+        ("scanner_shift", compressed, fault_dirs["scanner_shift"], default_policy, ["--parent", str(model_path)]),
+        ("blur", compressed, fault_dirs["blur"], default_policy, ["--parent", str(model_path)]),
+        ("shortcut", shortcut_model, fault_dirs["shortcut"], default_policy, []),
+        # The same scenario under a site's policy where classifier retraining is the cheapest fix
+        # and a new operating point costs more: it retrains where the default re-thresholds.
+        ("scanner_shift", compressed, fault_dirs["scanner_shift"], cheap_policy, ["--parent", str(model_path)]),
+    ]
+    code_hash = decision_code_digest()
+    rows = [_triage_step(cfg, scenario, model, dataset, policy, extra, runs, reports, audit, code_hash, stamps, summary)
+            for scenario, model, dataset, policy, extra in triages]
+
+    clinical = reports / "clinical"
+    _clinical_reports_step(data, compressed, clinical, stamps)
     summary["outputs"]["clinical reports"] = str(clinical)
     summary["outputs"]["audit trail"] = str(audit)
     _checked(["audit", "verify", "--audit", str(audit)])

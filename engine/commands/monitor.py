@@ -10,8 +10,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,6 +21,7 @@ from engine.monitors import MonitorConfig, MonitorContext, available_monitors, r
 from engine.core.storage import atomic_write_json
 from model.data import SPLIT_FILES, load_nih_dataset
 from model.features import extract_features
+from rules.policy import load_policy
 
 __all__ = ["register", "run", "load_monitor_config", "facts_document"]
 
@@ -58,37 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _from_yaml(path: Path) -> MonitorConfig:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML ({exc})") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise PolicyError(f"{path}: a policy must be a mapping; got {type(data).__name__}")
-    section = data.get("monitors") or {}
-    if not isinstance(section, dict):
-        raise PolicyError(f"{path}: key 'monitors' must be a mapping; got {type(section).__name__}")
-    try:
-        return MonitorConfig.model_validate(section)
-    except ValidationError as exc:
-        problems = "; ".join(f"monitors.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise PolicyError(f"{path}: {problems}") from None
-
-
 def load_monitor_config(path: Path | None) -> MonitorConfig:
-    """The policy's ``monitors`` section (through ``rules.policy.load_policy`` when it exists)."""
+    """The policy's ``monitors`` section (built-in defaults without a policy)."""
     if path is None:
         return MonitorConfig()
-    try:
-        from rules.policy import load_policy
-    except ModuleNotFoundError as exc:  # the policy module is optional for this command
-        if exc.name not in ("rules.policy", "rules"):
-            raise
-        return _from_yaml(path)
     return load_policy(path).monitors
 
 

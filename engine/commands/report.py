@@ -9,7 +9,8 @@ from rich.table import Table
 
 from engine.commands.common import load_model
 from engine.console import console
-from model.clinical_report import CONFIDENT_MARGIN, EXCLUSIVE_JACCARD, check_bundle, write_report
+from engine.reports.clinical import write_report
+from model.explain.evidence import CONFIDENT_MARGIN, EXCLUSIVE_JACCARD, check_bundle
 
 __all__ = ["register", "run"]
 

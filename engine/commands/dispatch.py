@@ -1,0 +1,64 @@
+"""Build the ``cli.py`` parser from a list of command modules, run one command line, map errors to exit codes.
+
+Every command module defines ``register(subparsers)``, which adds its subparser with
+``func=run``; ``run(args) -> int`` returns the exit status. :class:`engine.core.errors.TriageError`
+becomes exit status 1 with its message on stderr, and Ctrl-C exit status 130.
+
+Used by :mod:`engine.commands.main` (every command, what ``cli.py`` runs) and by
+:mod:`engine.commands.demo` (the commands the demo types), so that the demo runs its steps
+exactly as the command line would without importing the table that imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from types import ModuleType
+
+from rich.markup import escape
+
+from engine.console import err_console
+from engine.core.errors import EXIT_ERROR, EXIT_USAGE, TriageError
+
+__all__ = ["EPILOG", "build_parser", "run_command_line"]
+
+DESCRIPTION = ("Keep a deployed CheXNet-style chest X-ray classifier healthy: monitor it on labelled "
+               "data, choose the cheapest verified treatment under a YAML policy, and keep an audit trail.")
+
+EPILOG = """\
+exit status: 0 healthy, or treated and verified; 1 error; 2 usage error;
+             3 issues remain that need a human's --approve (triage);
+             4 issues remain untreated: every candidate failed verification or the budget ran out.
+See README.md for a walkthrough."""
+
+
+def build_parser(commands: Sequence[ModuleType]) -> argparse.ArgumentParser:
+    """The ``cli.py`` parser with the subcommands of ``commands``, in that order."""
+    parser = argparse.ArgumentParser(
+        prog="cli.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in commands:
+        module.register(sub)
+    return parser
+
+
+def run_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) with ``parser`` and run the command; its exit status.
+
+    Usage errors exit through argparse (``SystemExit(2)``), as on the command line.
+    """
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except TriageError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
