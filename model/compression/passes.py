@@ -9,9 +9,11 @@ or constant), and a backward pass gives every re-fitted output's logit sensitivi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.core.errors import DataError
 from model.compression.calibration import Calibration
@@ -143,6 +145,18 @@ def consumer_names(net: PrunedDenseNet) -> list[str]:
     return names
 
 
+def _consumer_modules(net: PrunedDenseNet, layer_parts: tuple[tuple[str, str], ...],
+                      transition_part: str) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for the given parts of every dense layer (attribute, name suffix), then the
+    given part of every transition: where the passes hook in, in network order."""
+    for b, blk in enumerate(net.blocks()):
+        for lname, layer in blk.items():
+            for attr, suffix in layer_parts:
+                yield f"denseblock{b + 1}.{lname}{suffix}", getattr(layer, attr)
+    for b, tr in enumerate(net.transitions()):
+        yield f"transition{b + 1}", getattr(tr, transition_part)
+
+
 def logit_sensitivities(net: PrunedDenseNet, x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """Per-channel logit sensitivity of every re-fitted output: ``E_img sum_pos (d(r.logits)/d out)^2``.
 
@@ -160,12 +174,8 @@ def logit_sensitivities(net: PrunedDenseNet, x: torch.Tensor, seed: int) -> dict
             out.register_hook(back)
         return fwd
 
-    for b, blk in enumerate(net.blocks()):
-        for lname, layer in blk.items():
-            handles.append(layer.conv1.register_forward_hook(hook(f"denseblock{b + 1}.{lname}.conv1")))
-            handles.append(layer.conv2.register_forward_hook(hook(f"denseblock{b + 1}.{lname}.conv2")))
-    for b, tr in enumerate(net.transitions()):
-        handles.append(tr.conv.register_forward_hook(hook(f"transition{b + 1}")))
+    for name, module in _consumer_modules(net, (("conv1", ".conv1"), ("conv2", ".conv2")), "conv"):
+        handles.append(module.register_forward_hook(hook(name)))
     gen = torch.Generator().manual_seed(seed + 101)
     was = net.training
     net.eval()
@@ -211,12 +221,8 @@ def original_pass(net: PrunedDenseNet, x: torch.Tensor) -> tuple[list[torch.Tens
                 acc[name] = [lo, hi]
         return fwd
 
-    for b, blk in enumerate(net.blocks()):
-        for lname, layer in blk.items():
-            handles.append(layer.norm1.register_forward_hook(hook(f"denseblock{b + 1}.{lname}")))
-            handles.append(layer.norm2.register_forward_hook(hook(f"denseblock{b + 1}.{lname}.mid")))
-    for b, tr in enumerate(net.transitions()):
-        handles.append(tr.norm.register_forward_hook(hook(f"transition{b + 1}")))
+    for name, module in _consumer_modules(net, (("norm1", ""), ("norm2", ".mid")), "norm"):
+        handles.append(module.register_forward_hook(hook(name)))
     handles.append(net.features.norm5.register_forward_hook(hook("head", pooled=True)))
     n_blocks = len(net.blocks())
     try:
