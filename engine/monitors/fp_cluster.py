@@ -43,7 +43,7 @@ from engine.monitors.base import LabelData, Monitor, MonitorContext, iter_labels
 from model.metrics import auroc, logit
 from rules.policy.monitors import MonitorConfig
 
-__all__ = ["FpClusterMonitor", "lda_direction", "crossfit_scores", "fp_slice", "slice_pvalue", "channels_needed"]
+__all__ = ["FpClusterMonitor", "lda_direction", "crossfit_scores", "fp_slice", "slice_pvalue", "driving_channels", "channels_needed"]
 
 _SECTION = "fp_cluster"
 _PCA_ROWS = 2000
@@ -120,6 +120,28 @@ def slice_pvalue(fp: np.ndarray, tp: np.ndarray, observed_share: float, referenc
         mask, *_ = fp_slice(x[perm[: len(fp)]], x[perm[len(fp):]], reference_share, seed=seed + [i])
         hits += bool(mask.mean() >= observed_share)
     return (1 + hits) / (1 + n_permutations)
+
+
+def driving_channels(w: np.ndarray, cluster_feats: np.ndarray, tp_feats: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Which classifier channels drive the cluster but not the true positives: the mean contributions
+    ``w_c * f_c`` of the cluster and of the TPs, their difference, and the channels that push the
+    cluster up more than the TPs, largest difference first."""
+    c_cluster = w * cluster_feats.mean(axis=0, dtype=np.float64)
+    c_ref = w * tp_feats.mean(axis=0, dtype=np.float64)
+    delta = c_cluster - c_ref
+    candidates = np.flatnonzero((delta > 0) & (c_cluster > 0))
+    return c_cluster, c_ref, delta, candidates[np.argsort(-delta[candidates], kind="stable")]
+
+
+def _all_members(examined: np.ndarray, rest: np.ndarray, on_rest: np.ndarray, on_tp: np.ndarray,
+                 cut_tn: float, q: float) -> np.ndarray:
+    """Membership over all FPs (the decision used at most ``max_points`` of them): the FPs not in the
+    examined slice join when they beat both cuts on the same discriminant."""
+    if not len(rest):
+        return examined
+    cut_tp = float(np.quantile(on_tp, 1 - q))
+    return np.union1d(examined, rest[(on_rest > cut_tp) & (on_rest > cut_tn)])
 
 
 def channels_needed(order: np.ndarray, cluster_contrib: np.ndarray, mean_logit: float, threshold_logit: float) -> int | None:
@@ -217,21 +239,11 @@ class FpClusterMonitor(Monitor):
         if not pvalue < cfg.alpha:
             return None
 
-        # Membership over all FPs (the decision above used at most max_points of them): the FPs
-        # not in the examined slice join when they beat both cuts on the same discriminant.
-        member_pos = fp_s[mask][in_cluster]
-        if len(fp_s) < len(fp_pos):
-            cut_tp = float(np.quantile(on_tp, 1 - q))
-            member_pos = np.union1d(member_pos, rest[(on_rest > cut_tp) & (on_rest > cut_tn)])
+        member_pos = _all_members(fp_s[mask][in_cluster], rest, on_rest, on_tp, cut_tn, q)
         cluster, tp = lab.rows[member_pos], lab.rows[tp_pos]
         share_all = len(member_pos) / len(fp_pos)
 
-        # Which classifier channels drive the cluster but not the true positives.
-        c_cluster = w * feats[cluster].mean(axis=0, dtype=np.float64)
-        c_ref = w * feats[tp].mean(axis=0, dtype=np.float64)
-        delta = c_cluster - c_ref
-        candidates = np.flatnonzero((delta > 0) & (c_cluster > 0))
-        order = candidates[np.argsort(-delta[candidates], kind="stable")]
+        c_cluster, c_ref, delta, order = driving_channels(w, feats[cluster], feats[tp])
         mean_logit = float(lab.logits[member_pos].mean())
         thr_logit = logit(lab.threshold)
         needed = channels_needed(order, c_cluster, mean_logit, thr_logit)
