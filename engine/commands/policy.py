@@ -1,9 +1,11 @@
-"""``cli.py policy validate|explain|revise``: check a policy, read it as tables, revise its costs."""
+"""``cli.py policy validate|explain|revise|replay``: check a policy, read it as tables, revise its costs,
+re-decide recorded runs under it (the computation of ``replay`` is :mod:`engine.replay`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,12 @@ __all__ = ["register", "run", "explain_rows"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "policy",
-        help="validate a policy, explain which treatment each issue kind gets, revise its costs",
+        help="validate a policy, explain which treatment each issue kind gets, revise its costs, replay audits",
         description="Work with a treatment policy (the YAML change-control plan): 'validate' checks it, "
         "'explain' shows, for each issue kind, the candidate treatments in the order they would be tried "
         "with their costs and conditions, and 'revise' proposes new costs from measured durations and "
-        "outcomes in an audit store (as a diff; the policy file is never edited).",
+        "outcomes in an audit store (as a diff; the policy file is never edited), and 'replay' re-decides the runs "
+        "recorded in an audit store under another policy.",
     )
     actions = p.add_subparsers(dest="policy_action", metavar="ACTION")
     actions.required = True
@@ -56,6 +59,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="timed attempts needed before an intervention's cost is revised (default: %(default)s)")
     r.set_defaults(func=run)
 
+    _register_replay(actions)
+
+
+def _register_replay(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "replay", help="re-decide the runs recorded in an audit store under another policy (no model, no data)",
+        description="Rebuild every recorded run's issue facts from the audit store (each checked against its "
+        "recorded fact id) and ask the rules of the policy given with --policy what they would have chosen first "
+        "(candidates with their costs and the rules that proposed them, the cheapest chosen), beside the first "
+        "decision recorded then and what was done then (attempts and outcome). Each decision is marked "
+        "'identical' (same choice and candidates), 'same choice' (other candidates or costs), 'changed', "
+        "'undetermined' (it depends on what the audit does not record: whether the bundle had a compression "
+        "history) or 'not recorded' (no decision then: an earlier treatment had resolved the issue). Reads only "
+        "the record: answers 'had retraining been priced at 1, what would you have done?'. Runs that ended "
+        "before monitoring are listed as skipped.",
+        epilog="example: cli.py policy replay --audit T/audit.db --policy policies/cheap_retraining.yaml")
+    p.add_argument("--audit", required=True, type=Path, metavar="DB", help="audit store (SQLite) written by triage")
+    p.add_argument("--policy", required=True, type=Path, metavar="P2", dest="policy",
+                   help="the policy to re-decide under (YAML)")
+    p.add_argument("--run", action="append", default=[], metavar="RUN", dest="runs",
+                   help="only this run (id, unique id prefix, or run folder with decision.json); repeatable; "
+                        "default: every run in the store")
+    p.add_argument("--json", action="store_true", help="print the replay as JSON instead of tables")
+    p.set_defaults(func=run)
+
 
 def run(args: argparse.Namespace) -> int:
     from rules.policy import load_policy
@@ -65,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return _validate(policy, args)
     if args.policy_action == "explain":
         return _explain(policy)
+    if args.policy_action == "replay":
+        return _replay(policy, args)
     return _revise(policy, args)
 
 
@@ -213,4 +243,112 @@ def _revise(policy: Any, args: argparse.Namespace) -> int:
     if args.out is not None:
         atomic_write_text(args.out, result.diff)
         console.print(f"Wrote {escape(str(args.out))}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# `policy replay`
+
+_VERDICT = {"identical": "[green]identical[/]", "same_choice": "[cyan]same choice[/], other candidates",
+            "changed": "[bold yellow]CHANGED[/]", "undetermined": "[magenta]undetermined[/]",
+            "not_recorded": "not recorded then"}
+
+
+def _cost_cell(view: Any, name: str) -> str:
+    """One candidate's cost in a decision, marked when it is the one chosen (or the escalation)."""
+    if view is None:
+        return "(not recorded)" if name == "" else ""
+    c = next((c for c in view.candidates if c.intervention == name), None)
+    if c is None:
+        return "—"
+    text = f"{c.cost:g}" + (" needs --approve" if c.needs_approval else "")
+    if view.chosen is not None and c.key == view.chosen.key:
+        return f"[bold]{escape(text)} ← chosen[/]"
+    if view.chosen is None:
+        return f"[bold]{escape(text)} ← escalate[/]"
+    return escape(text)
+
+
+def _issue_cell(f: Any) -> str:
+    done = "; ".join(f"{a.intervention or 'none'} {a.result}" for a in f.attempts) or "nothing tried"
+    lines = [f"[bold]{escape(f'{f.kind} / {f.label or chr(8212)}')}[/] {escape(f'[{f.severity}]')}", _VERDICT[f.status],
+             f"done then: {escape(done)}; outcome {escape(f.outcome or 'none recorded')}"]
+    if f.note:
+        lines.append(f"[dim]{escape(f.note)}[/]")
+    return "\n".join(lines)
+
+
+def _replay_table(run: Any, policy_name: str) -> Table:
+    """One row per candidate of each issue: its cost then and under the policy, and the rule that proposed it."""
+    then = run.policy_then
+    title = (f"run {run.run_id}" + (f" (instance {run.instance})" if run.instance > 1 else "")
+             + f": decided then under {then.get('name')} ({str(then.get('content_hash'))[:12]}), "
+             f"outcome {run.outcome_then or 'unfinished'}")
+    alt = any(f.alternative is not None for f in run.facts)
+    table = Table(title=escape(title))
+    table.add_column("issue", ratio=3, overflow="fold")
+    table.add_column("candidate", ratio=2, overflow="fold")
+    table.add_column("cost then", ratio=2)
+    table.add_column(f"cost under {policy_name}" + (" (no compression history)" if alt else ""), ratio=2)
+    if alt:
+        table.add_column("(with a compression history)", ratio=2)
+    table.add_column("proposed by rule", ratio=3, overflow="fold")
+    for f in run.facts:
+        views = [v for v in (f.under_p2, f.alternative, f.then) if v is not None]
+        names = list(dict.fromkeys(c.intervention for v in views for c in v.candidates))
+        for i, name in enumerate(names):
+            rules = sorted({c.rule for v in views for c in v.candidates if c.intervention == name})
+            row = [_issue_cell(f) if i == 0 else "", escape(name), _cost_cell(f.then, name), _cost_cell(f.under_p2, name)]
+            if alt:
+                row.append(_cost_cell(f.alternative, name) if f.alternative is not None else "same")
+            table.add_row(*row, escape(", ".join(rules)), end_section=i == len(names) - 1)
+    return table
+
+
+def _choice(view: Any) -> str:
+    if view is None:
+        return "no decision recorded"
+    if view.chosen is None:
+        return "escalate to a human"
+    c = view.chosen
+    return f"{c.intervention} (cost {c.cost:g}, rule {c.rule}{', needs --approve' if c.needs_approval else ''})"
+
+
+def _change_line(f: Any, policy_name: str) -> str:
+    line = f"{f.status}: {f.kind} / {f.label or 'model'}: then {_choice(f.then)}; under {policy_name} {_choice(f.under_p2)}"
+    if f.alternative is not None:
+        line += f" (with a compression history: {_choice(f.alternative)})"
+    return line
+
+
+def _replay(policy: Any, args: argparse.Namespace) -> int:
+    from engine.audit import open_store
+    from engine.replay import replay_audit
+
+    with open_store(args.audit) as store:
+        result = replay_audit(store, policy, args.runs)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
+        return 0
+    console.print(f"[bold]Replay of {len(result.runs)} run(s)[/] from {escape(str(args.audit))} under policy "
+                  f"{escape(policy.name)} version {escape(policy.version)} (sha256 {policy.content_hash[:16]}…); "
+                  "first decisions, from the record alone", highlight=False)
+    for run in result.runs:
+        if run.same_policy:
+            console.print(f"run {run.run_id}: decided then under this same policy", highlight=False)
+        for note in run.context_notes:
+            console.print(f"[yellow]run {run.run_id}: {escape(note)}[/]", highlight=False)
+        if run.facts:
+            console.print(_replay_table(run, policy.name))
+            for f in run.facts:
+                if f.status in ("changed", "undetermined"):
+                    console.print(escape(_change_line(f, policy.name)), highlight=False)
+        else:
+            console.print(f"run {run.run_id}: no actionable facts then; nothing to decide", highlight=False)
+    for s in result.skipped:
+        console.print(f"[yellow]skipped[/] {escape(s.reason)}", highlight=False)
+    counts = result.counts()
+    total = sum(counts.values())
+    console.print(f"{total} decision(s): " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n)
+                  if total else "no decisions to compare", highlight=False)
     return 0
