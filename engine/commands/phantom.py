@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from engine.console import console, progress_task
-from engine.core.errors import DataError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,10 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from model.data.phantom import generate_phantoms
 
     with progress_task("phantoms", total=args.n) as progress:
-        try:
-            out = generate_phantoms(args.out, args.n, size=args.size, seed=args.seed,
-                                    test_fraction=args.test_fraction, progress=progress)
-        except ValueError as exc:
-            raise DataError(str(exc)) from exc
+        # bad arguments raise DataError (exit 1, no traceback) from generate_phantoms itself
+        out = generate_phantoms(args.out, args.n, size=args.size, seed=args.seed,
+                                test_fraction=args.test_fraction, progress=progress)
     console.print(f"Wrote {args.n} phantom images ({args.size} px, seed {args.seed}) to {out}")
     return 0
