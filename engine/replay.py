@@ -109,9 +109,16 @@ class DecisionView:
                    CandidateView.from_candidate(d.chosen) if d.chosen else None, d.rationale)
 
     def compare(self, other: DecisionView) -> str:
-        """``identical`` (same choice, same candidates), ``same_choice`` or ``changed``."""
-        if (self.chosen.key if self.chosen else None) != (other.chosen.key if other.chosen else None):
+        """``changed`` (another intervention, or escalation instead of an automatic change and vice
+        versa), ``same_choice`` (the same intervention, but its cost, rule or the other candidates
+        differ) or ``identical``."""
+        def action(d: DecisionView) -> tuple[str, bool] | None:
+            return (d.chosen.intervention, d.chosen.needs_approval) if d.chosen else None
+
+        if action(self) != action(other):
             return "changed"
+        if (self.chosen.key if self.chosen else None) != (other.chosen.key if other.chosen else None):
+            return "same_choice"
         if [c.key for c in self.candidates] != [c.key for c in other.candidates]:
             return "same_choice"
         return "identical"

@@ -69,7 +69,8 @@ def _register_replay(actions: argparse._SubParsersAction) -> None:
         "recorded fact id) and ask the rules of the policy given with --policy what they would have chosen first "
         "(candidates with their costs and the rules that proposed them, the cheapest chosen), beside the first "
         "decision recorded then and what was done then (attempts and outcome). Each decision is marked "
-        "'identical' (same choice and candidates), 'same choice' (other candidates or costs), 'changed', "
+        "'identical' (same choice and candidates), 'same choice' (the same intervention at another cost, or other "
+        "candidates), 'changed' (another intervention, or escalation instead of an automatic change), "
         "'undetermined' (it depends on what the audit does not record: whether the bundle had a compression "
         "history) or 'not recorded' (no decision then: an earlier treatment had resolved the issue). Reads only "
         "the record: answers 'had retraining been priced at 1, what would you have done?'. Runs that ended "
@@ -249,7 +250,7 @@ def _revise(policy: Any, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # `policy replay`
 
-_VERDICT = {"identical": "[green]identical[/]", "same_choice": "[cyan]same choice[/], other candidates",
+_VERDICT = {"identical": "[green]identical[/]", "same_choice": "[cyan]same choice[/], other cost or candidates",
             "changed": "[bold yellow]CHANGED[/]", "undetermined": "[magenta]undetermined[/]",
             "not_recorded": "not recorded then"}
 
