@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cli import main
 from engine.audit import AuditStore
@@ -35,34 +34,15 @@ from model.nets import arch_config, build_model
 from model.train import reference_from_holdout
 from rules.policy import Policy, load_policy, policy_from_dict
 
-from conftest import NIH_HEADER
+from conftest import PATTERN_LABELS, write_pattern_dataset
 
-LABELS = ("Atelectasis", "Cardiomegaly", "Effusion")
+LABELS = PATTERN_LABELS
 DRIFT_LABEL = "Effusion"
 K = CHEXNET_LABELS.index(DRIFT_LABEL)
 
 
 # ------------------------------------------------------------------------------------------------
 # A small world: 240 images with learnable findings, a tiny DenseNet with a fitted head, a drift
-
-
-def _write_dataset(root: Path, n: int = 240, size: int = 32, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    patterns = [np.ones((size, size)), (np.sin(xx * 20) > 0).astype(float), yy]
-    lines = [NIH_HEADER]
-    for i in range(n):
-        pos = [name for name in LABELS if rng.random() < 0.35]
-        img = 0.25 + 0.35 * rng.random((size, size))
-        for j, name in enumerate(LABELS):
-            if name in pos:
-                img = img + 0.06 * patterns[j]
-        name = f"{i // 2 + 1:08d}_{i % 2:03d}.png"
-        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), mode="L").save(root / "images" / name)
-        lines.append(f"{name},{'|'.join(pos) or 'No Finding'},{i % 2},{i // 2 + 1},50,M,PA,{size},{size},0.1,0.1")
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def _fit_head(bundle: Bundle, fs: FeatureSet) -> None:
@@ -93,7 +73,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    root = _write_dataset(tmp_path_factory.mktemp("loop") / "ds")
+    root = write_pattern_dataset(tmp_path_factory.mktemp("loop") / "ds")
     dataset = load_nih_dataset(root)
     torch.manual_seed(0)
     cfg = arch_config("tiny")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cli import main
 from engine.audit import AuditStore
@@ -29,33 +28,13 @@ from model.nets import arch_config, build_model
 from model.train import reference_from_holdout
 from rules.policy import load_policy
 
-from conftest import NIH_HEADER
+from conftest import PATTERN_LABELS, write_pattern_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "policies" / "default.yaml"
 CHEAP = ROOT / "policies" / "cheap_retraining.yaml"
-LABELS = ("Atelectasis", "Cardiomegaly", "Effusion")
+LABELS = PATTERN_LABELS
 K = CHEXNET_LABELS.index("Effusion")
-
-
-def _write_dataset(root: Path, n: int = 240, size: int = 32, seed: int = 0) -> Path:
-    """Images whose three findings are learnable patterns (as in tests/test_loop.py)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    patterns = [np.ones((size, size)), (np.sin(xx * 20) > 0).astype(float), yy]
-    lines = [NIH_HEADER]
-    for i in range(n):
-        pos = [name for name in LABELS if rng.random() < 0.35]
-        img = 0.25 + 0.35 * rng.random((size, size))
-        for j, name in enumerate(LABELS):
-            if name in pos:
-                img = img + 0.06 * patterns[j]
-        name = f"{i // 2 + 1:08d}_{i % 2:03d}.png"
-        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), mode="L").save(root / "images" / name)
-        lines.append(f"{name},{'|'.join(pos) or 'No Finding'},{i % 2},{i // 2 + 1},50,M,PA,{size},{size},0.1,0.1")
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def _drifted_bundle(dataset):
@@ -87,7 +66,7 @@ def _drifted_bundle(dataset):
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """An audit store with two real triage runs under the default policy (seeds 0 and 1)."""
     tmp = tmp_path_factory.mktemp("replay")
-    dataset = load_nih_dataset(_write_dataset(tmp / "ds"))
+    dataset = load_nih_dataset(write_pattern_dataset(tmp / "ds"))
     bundle = _drifted_bundle(dataset)
     policy = load_policy(DEFAULT)
     db = tmp / "audit.db"
