@@ -50,7 +50,8 @@ __all__ = [
 #: How a fact's first decision under the new policy compares with the one recorded then.
 STATUSES = ("identical", "same_choice", "changed", "undetermined", "not_recorded")
 
-#: The context key the audit does not record (recovered from the decisions where they prove it).
+#: The context key that stores written before the loop recorded its context lack (recovered from
+#: the decisions where they prove it).
 COMPRESSION_KEY = "has_compression_history"
 
 
@@ -272,9 +273,13 @@ def _compression_evidence(decisions: Iterable[Mapping[str, Any]]) -> bool | None
     return None
 
 
-def _context(started: Mapping[str, Any], decisions: Sequence[Mapping[str, Any]]
+def _context(started: Mapping[str, Any], facts_payload: Mapping[str, Any], decisions: Sequence[Mapping[str, Any]]
              ) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The loop's context as far as the record gives it, and notes on what it does not."""
+    """The loop's context as recorded with the facts; for stores written before it was recorded, as far
+    as the rest of the record gives it, with notes on what it does not."""
+    recorded = facts_payload.get("context")
+    if isinstance(recorded, Mapping):
+        return dict(recorded), ()
     context: dict[str, Any] = {}
     notes: list[str] = []
     if "parent_hash" in started:
@@ -362,7 +367,7 @@ def _replay_instance(where: str, run_id: str, instance: int, records: list[Audit
     actionable = [f for f in _facts_from_record(where, facts_rec[-1]) if f.actionable]
     decisions = [r.payload for r in records if r.kind == "decision"]
     first = {str(p.get("fact_id")): p for p in reversed(decisions) if not p.get("excluded")}
-    context, notes = _context(started, decisions)
+    context, notes = _context(started, facts_rec[-1], decisions)
     tag = f"replay-{run_id}-{instance}-{policy.content_hash[:12]}"
     if COMPRESSION_KEY in context:
         now, other = _decide_views(actionable, policy, tag, context), {}

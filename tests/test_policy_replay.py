@@ -100,9 +100,9 @@ def test_replay_under_the_same_policy_is_identical(recorded: tuple[Path, list[st
     facts = [f for r in result.runs for f in r.facts]
     assert facts and all(f.status == "identical" for f in facts)
     assert all(r.same_policy for r in result.runs)
-    # The context the rules read: has_parent is recorded, the compression history is not (and says so).
-    assert all(r.context == {"has_parent": False} for r in result.runs)
-    assert all(any("has_compression_history is not recorded" in n for n in r.context_notes) for r in result.runs)
+    # The context the rules read is recorded with the facts: replay takes it as it was, with no notes.
+    assert all(r.context == {"has_compression_history": False, "has_parent": False} for r in result.runs)
+    assert all(not r.context_notes for r in result.runs)
     assert main(["policy", "replay", "--audit", str(db), "--policy", str(DEFAULT)]) == 0
     out = capsys.readouterr().out
     assert "identical" in out and "CHANGED" not in out
@@ -161,7 +161,8 @@ def test_json_shape_and_determinism(recorded: tuple[Path, list[str]], capsys: py
     assert set(fact["under_policy"]) == {"candidates", "chosen", "rationale"}
     assert set(fact["under_policy"]["chosen"]) == {"intervention", "cost", "rule", "needs_approval", "reason"}
     assert set(fact["done_then"]) == {"attempts", "outcome"}
-    assert doc["runs"][0]["policy_then"]["name"] == "default" and doc["runs"][0]["context"] == {"has_parent": False}
+    assert doc["runs"][0]["policy_then"]["name"] == "default"
+    assert doc["runs"][0]["context"] == {"has_compression_history": False, "has_parent": False}
 
 
 def test_unknown_run_and_missing_audit_are_clear_errors(recorded: tuple[Path, list[str]], tmp_path: Path,
@@ -240,6 +241,7 @@ def _compression_run(path: Path, rationale: str, reason: str) -> tuple[Path, str
 
 
 def test_the_unrecorded_compression_history_is_recovered_or_reported_undetermined(tmp_path: Path) -> None:
+    """Stores written before the loop recorded its context: recovered from the decisions where they prove it."""
     policy = load_policy(DEFAULT)  # offers f_reopt (cost 3) before full_retrain only with a compression history
     blocked = "Chose full_retrain ... Not proposed: f_reopt (the bundle has no compression history to re-optimise against)."
     db, _ = _compression_run(tmp_path / "proved.db", blocked, "no conditions")

@@ -71,8 +71,8 @@ def _register_replay(actions: argparse._SubParsersAction) -> None:
         "decision recorded then and what was done then (attempts and outcome). Each decision is marked "
         "'identical' (same choice and candidates), 'same choice' (the same intervention at another cost, or other "
         "candidates), 'changed' (another intervention, or escalation instead of an automatic change), "
-        "'undetermined' (it depends on what the audit does not record: whether the bundle had a compression "
-        "history) or 'not recorded' (no decision then: an earlier treatment had resolved the issue). Reads only "
+        "'undetermined' (it depends on what an older audit store does not record: whether the bundle had a "
+        "compression history) or 'not recorded' (no decision then: an earlier treatment had resolved the issue). Reads only "
         "the record: answers 'had retraining been priced at 1, what would you have done?'. Runs that ended "
         "before monitoring are listed as skipped.",
         epilog="example: cli.py policy replay --audit T/audit.db --policy policies/cheap_retraining.yaml")
