@@ -27,7 +27,7 @@ import dataclasses
 import json
 import math
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import Enum
@@ -49,6 +49,7 @@ __all__ = [
     "record_hash",
     "open_store",
     "resolve_run",
+    "run_instances",
 ]
 
 #: ``prev_hash`` of the first record.
@@ -405,6 +406,18 @@ class AuditStore:
 
         lines = [canonical_json(rec.to_dict()) for rec in self.records()]
         return atomic_write_bytes(path, b"".join(line + b"\n" for line in lines))
+
+
+def run_instances(records: Sequence[Any]) -> list[list[Any]]:
+    """One run id's records split at each ``run_started`` (a deterministic run id names every repeat
+    of the same run); records before the first ``run_started`` form an instance of their own."""
+    out: list[list[Any]] = []
+    for rec in records:
+        kind = rec["kind"] if isinstance(rec, Mapping) else rec.kind
+        if kind == "run_started" or not out:
+            out.append([])
+        out[-1].append(rec)
+    return out
 
 
 def open_store(path: Path) -> AuditStore:

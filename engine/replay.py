@@ -9,12 +9,13 @@ exclusions: what the loop applies before any rejection) and compares it with the
 recorded then. No model and no data are read: it is the rules and the selection alone, which is
 what a change of costs changes ("had retraining been priced at 1, what would you have done?").
 
-What the rules may know beyond the facts is the loop's ``context``. ``has_parent`` is recorded
-(``run_started.parent_hash``); ``has_compression_history`` is not. It is recovered where the
-recorded decisions prove it (an ``f_reopt`` candidate proposed because the bundle records its
-compression, or the rule blocked because it does not); otherwise it is reported as not recorded,
-the decision is made under both values, and a decision that depends on it is reported as
-``undetermined`` with both answers rather than guessed.
+What the rules may know beyond the facts is the loop's ``context``, which triage records with the
+facts. Stores written before it did lack it: there ``has_parent`` comes from
+``run_started.parent_hash``, and ``has_compression_history`` is recovered where the recorded
+decisions prove it (an ``f_reopt`` candidate proposed because the bundle records its compression,
+or the rule blocked because it does not); otherwise it is reported as not recorded, the decision is
+made under both values, and a decision that depends on it is reported as ``undetermined`` with both
+answers rather than guessed.
 
 Computation only: :func:`replay_audit` returns typed results; ``engine.commands.policy`` renders them.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.audit import AuditRecord, AuditStore, resolve_run
+from engine.audit import AuditRecord, AuditStore, resolve_run, run_instances
 from engine.core.errors import AuditError
 from engine.core.facts import IssueFact
 from rules.decide import Candidate, Decision, decide
@@ -223,16 +224,6 @@ class ReplayResult:
 # -- reading the record ---------------------------------------------------------------------------
 
 
-def _instances(records: Sequence[AuditRecord]) -> list[list[AuditRecord]]:
-    """One run id's records split at each ``run_started`` (the same deterministic id may run twice)."""
-    out: list[list[AuditRecord]] = []
-    for rec in records:
-        if rec.kind == "run_started" or not out:
-            out.append([])
-        out[-1].append(rec)
-    return out
-
-
 def _facts_from_record(where: str, payload: Mapping[str, Any]) -> list[IssueFact]:
     """The recorded facts rebuilt and validated; each must hash to its recorded ``fact_id``."""
     facts = []
@@ -392,7 +383,7 @@ def replay_audit(store: AuditStore, policy: Policy, runs: Sequence[str] = ()) ->
     done: list[RunReplay] = []
     skipped: list[SkippedRun] = []
     for run_id in run_ids:
-        for instance, records in enumerate(_instances(store.records(run_id)), 1):
+        for instance, records in enumerate(run_instances(store.records(run_id)), 1):
             where = f"{store.path}: run {run_id}" + (f" (instance {instance})" if instance > 1 else "")
             result = _replay_instance(where, run_id, instance, records, policy)
             if isinstance(result, SkippedRun):

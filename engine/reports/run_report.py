@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.audit import run_instances
 from engine.core.errors import AuditError
 from engine.core.facts import ACTIONABLE_KINDS
 from engine.core.storage import atomic_write_text, sha256_file
@@ -162,8 +163,8 @@ def collect_run(store: Any, run_id: str, run_dir: str | Path | None = None) -> d
     records = [_as_dict(r) for r in store.records(run_id)]
     if not records:
         raise AuditError(f"{getattr(store, 'path', 'audit store')}: no records for run {run_id!r}")
-    starts = [i for i, r in enumerate(records) if r["kind"] == "run_started"]
-    instance = records[starts[-1]:] if starts else records
+    starts = [r for r in records if r["kind"] == "run_started"]
+    instance = run_instances(records)[-1]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for r in instance:
         by_kind.setdefault(r["kind"], []).append(r)
