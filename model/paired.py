@@ -21,14 +21,15 @@ import numpy as np
 from scipy.stats import norm, rankdata
 
 __all__ = [
+    "DEFAULT_BOOT",
     "Interval",
-    "wilson_interval",
     "bootstrap_indices",
     "paired_auroc_delta",
     "paired_mean_auroc_delta",
     "paired_rate_delta",
+    "paired_youden_delta",
     "rate_interval",
-    "DEFAULT_BOOT",
+    "wilson_interval",
 ]
 
 #: Resamples per interval: the percentile bounds of a 95 % interval move by ~0.002 AUROC between
@@ -165,7 +166,7 @@ def paired_mean_auroc_delta(y: np.ndarray, before: np.ndarray, after: np.ndarray
 def rate_interval(hits: np.ndarray, *, level: float = 0.95) -> Interval:
     """A proportion over the rows of a boolean array (e.g. sensitivity over positives), Wilson interval."""
     hits = np.asarray(hits).astype(bool)
-    return wilson_interval(int(hits.sum()), int(len(hits)), level)
+    return wilson_interval(int(hits.sum()), len(hits), level)
 
 
 def paired_rate_delta(before: np.ndarray, after: np.ndarray, *, level: float = 0.95, n_boot: int = DEFAULT_BOOT,
@@ -186,3 +187,34 @@ def paired_rate_delta(before: np.ndarray, after: np.ndarray, *, level: float = 0
     deltas = a[idx].mean(axis=1) - b[idx].mean(axis=1)
     lo, hi = _percentiles(deltas, level)  # type: ignore[misc]  # never empty: n > 0
     return Interval(_r(point), _r(lo), _r(hi), level, n, "paired_bootstrap")
+
+
+def paired_youden_delta(y: np.ndarray, pred_before: np.ndarray, pred_after: np.ndarray, *, level: float = 0.95,
+                        n_boot: int = DEFAULT_BOOT, seed: int | Sequence[int] = 0) -> Interval:
+    """Change of Youden's J (sensitivity + specificity − 1) at two operating points on the same images.
+
+    ``pred_*`` are the boolean decisions; the interval resamples images (both classes together),
+    so a threshold that trades sensitivity for specificity is judged on the sum, not on either half.
+    """
+    y = np.asarray(y).astype(bool)
+    b, a = np.asarray(pred_before).astype(np.float64), np.asarray(pred_after).astype(np.float64)
+    n, n_pos = len(y), int(y.sum())
+    if n_pos == 0 or n_pos == n:
+        return _unestimable(level, n, "paired_bootstrap", "one class only" if n else "no images")
+
+    def j(pred: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        pos = yy.sum(axis=-1)
+        neg = yy.shape[-1] - pos
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (pred * yy).sum(axis=-1) / pos + ((1 - pred) * (1 - yy)).sum(axis=-1) / neg - 1
+
+    yf = y.astype(np.float64)
+    point = float(j(a, yf) - j(b, yf))
+    if np.array_equal(a, b):
+        return Interval(0.0, 0.0, 0.0, level, n, "paired_bootstrap")
+    idx = bootstrap_indices(n, n_boot, seed)
+    yb = yf[idx]
+    bounds = _percentiles(j(a[idx], yb) - j(b[idx], yb), level)
+    if bounds is None:
+        return _unestimable(level, n, "paired_bootstrap", "every resample had one class")
+    return Interval(_r(point), _r(bounds[0]), _r(bounds[1]), level, n, "paired_bootstrap")

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from model.metrics import auroc
-from model.paired import paired_auroc_delta, paired_mean_auroc_delta, paired_rate_delta, wilson_interval
+from model.paired import (
+    paired_auroc_delta,
+    paired_mean_auroc_delta,
+    paired_rate_delta,
+    wilson_interval,
+)
 
 
 def test_wilson_matches_known_values_and_edges() -> None:
@@ -65,3 +70,13 @@ def test_paired_rate_delta_counts_lost_hits() -> None:
     after = np.array([1, 1, 0, 0, 0], bool)
     iv = paired_rate_delta(before, after, seed=0)
     assert iv.estimate == pytest.approx(-0.6) and iv.high < 0
+
+
+def test_youden_delta_judges_a_trade_on_the_sum() -> None:
+    from model.paired import paired_youden_delta
+
+    y = np.r_[np.ones(20), np.zeros(80)].astype(bool)
+    before = np.r_[np.ones(20), np.ones(40), np.zeros(40)].astype(bool)  # sens 1.0, spec 0.5
+    after = np.r_[np.ones(18), np.zeros(2), np.zeros(80)].astype(bool)   # sens 0.9, spec 1.0
+    iv = paired_youden_delta(y, before, after, seed=0)
+    assert iv.estimate == pytest.approx(0.4) and iv.low > 0

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import engine.commands.analyze as analyze
 import engine.commands.audit as audit
+import engine.commands.backtest as backtest
 import engine.commands.compress as compress
 import engine.commands.demo as demo
 import engine.commands.evaluate as evaluate
@@ -27,7 +28,7 @@ from engine.commands.dispatch import run_command_line
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 #: Every command; the order here is the order in ``--help``.
-COMMAND_MODULES = (demo, phantom, inject, train, evaluate, compress, monitor, triage, audit, policy, analyze, report)
+COMMAND_MODULES = (demo, phantom, inject, train, evaluate, compress, monitor, triage, backtest, audit, policy, analyze, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
