@@ -93,6 +93,9 @@ BENCHES: tuple[Bench, ...] = (
     Bench("compress", "Compression: ours vs torch-pruning", "bench/bench_compress.py",
           args=("--datasets", "phantom", "nih", "--tolerance-row"),
           quick_args=("--quick",), workdir_flag="--work"),
+    Bench("backtest", "Backtest: heal / harm on held-out patients, policies against baselines", "bench/bench_backtest.py",
+          args=("--datasets", "phantom", "nih", "--seeds-phantom", "10", "--seeds-nih", "5"),
+          quick_args=("--quick", "--datasets", "phantom"), workdir_flag="--work"),
 )
 
 

@@ -28,6 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from render_backtest import section_backtest  # noqa: E402
+
 from benches import BENCHES, REPO, RESULTS, RESULTS_MD, Bench, display_path  # noqa: E402
 from engine.core.storage import atomic_write_text  # noqa: E402
 
@@ -450,6 +452,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "triage": section_triage,
     "interventions": section_interventions,
     "compress": section_compress,
+    "backtest": section_backtest,
 }
 
 
