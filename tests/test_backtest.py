@@ -209,3 +209,17 @@ def test_cli_backtest_help_and_usage(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert "HOLDOUT" in out and "always_threshold" in out and "resumes" in out
     assert main(["backtest", "--policy", str(DEFAULT), "--out", "x"]) == 2
+
+
+def test_a_scenario_that_cannot_run_is_reported_and_the_others_go_on(world) -> None:
+    tmp, data, _, _, _ = world
+    scenarios = scenarios_from_flags(tmp / "good.safetensors", data, "all", ["prevalence:Pneumothorax=1"], 1)
+    who = contenders([load_policy(DEFAULT)], ["no_action"])
+    results = run_backtest(scenarios, who, tmp / "bt_err", n_boot=100)
+    summary = summarize(results)
+    errors = summary["errors"]
+    assert [e["contender"] for e in errors] == ["default", "no_action"]
+    assert all("would remove every row" in e["error"] and e["scenario"].endswith("prevalence:Pneumothorax=1:s0")
+               for e in errors)
+    assert summary["by_fault"]["clean"]["no_action"]["n"] == 1  # the clean control still ran
+    assert not list((tmp / "bt_err" / "results").glob("*prevalence*"))  # nothing saved: a re-run tries again

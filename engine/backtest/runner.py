@@ -9,7 +9,9 @@ approving it buys.
 
 Each (scenario, policy) verdict is one JSON file under ``OUT/results/`` named by content (scenario
 key + policy hash), written atomically: a killed backtest continues where it stopped, and an edited
-policy or scenario is run again. Everything but wall times is deterministic under the seeds.
+policy or scenario is run again. Everything but wall times is deterministic under the seeds. A
+scenario that cannot run (e.g. a fault that would remove every row) is reported with its error and
+left out of the rates; the others go on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from engine.backtest.baselines import BASELINES, run_baseline
 from engine.backtest.judge import HoldoutViews, holdout_views, judge
 from engine.backtest.parts import ScenarioParts, load_source, prepare_parts
 from engine.backtest.scenarios import Scenario, fault_kind, scenario_key
+from engine.core.errors import TriageError
 from engine.core.storage import atomic_write_json, canonical_json, sha256_bytes
 from engine.triage import TriageOutcome, run_triage
 from model.bundle import Bundle, load_bundle
@@ -176,17 +179,28 @@ def run_backtest(scenarios: Sequence[Scenario], who: Sequence[Contender], out: P
                 if path.is_file():
                     results.append(json.loads(path.read_text(encoding="utf-8")))
                 else:
-                    if st is None:
-                        st = _state(scenario, key, source, out)
-                    result = _run_one(st, contender, out, store, n_boot, approve_escalations)
-                    atomic_write_json(path, result)
-                    results.append(result)
+                    try:
+                        if st is None:
+                            st = _state(scenario, key, source, out)
+                        result = _run_one(st, contender, out, store, n_boot, approve_escalations)
+                    except TriageError as exc:  # one broken scenario must not lose the others' verdicts
+                        results.append(_failed(scenario, key, contender, exc))
+                    else:
+                        atomic_write_json(path, result)
+                        results.append(result)
                 done += 1
         if progress is not None:
             progress(done, total, "done")
     finally:
         store.close()
     return results
+
+
+def _failed(scenario: Scenario, key: str, who: Contender, exc: Exception) -> dict[str, Any]:
+    """The record of a (scenario, contender) that could not run; not saved, so a re-run tries again."""
+    return {"scenario": {**scenario.to_dict(), "key": key, "fault_kind": fault_kind(scenario.fault)},
+            "contender": who.name, "baseline": who.baseline, "policy": who.policy.name,
+            "policy_hash": who.policy.content_hash, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _state(scenario: Scenario, key: str, source: Any, out: Path) -> _ScenarioState:

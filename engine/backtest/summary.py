@@ -47,7 +47,13 @@ def _group(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``{"by_fault": {fault: {contender: row}}, "overall": {contender: row}, "approved": {...}}``."""
+    """``{"by_fault": {fault: {contender: row}}, "overall": {contender: row}, "approved": {...}, "errors": [...]}``.
+
+    Records with an ``error`` (a scenario that could not run) are listed under ``errors`` and left out of the rates.
+    """
+    errors = [{"scenario": r["scenario"]["name"], "contender": r["contender"], "error": r["error"]}
+              for r in results if r.get("error")]
+    results = [r for r in results if not r.get("error")]
     kinds = sorted({r["scenario"]["fault_kind"] for r in results}, key=lambda k: (k == CLEAN, k))
     names = list(dict.fromkeys(r["contender"] for r in results))
     by_fault = {k: {c: _group([r for r in results if r["scenario"]["fault_kind"] == k and r["contender"] == c])
@@ -62,7 +68,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 fixed = [{**a, "scenario": {"fault_kind": k}} for a in runs]
                 approved.setdefault(k, {})[c] = {**_group(fixed), "approve": sorted({n for a in runs for n in a["approve"]})}
     return {"fault_kinds": kinds, "contenders": names, "by_fault": by_fault, "overall": overall,
-            "approved": approved}
+            "approved": approved, "errors": errors}
 
 
 def check_targets(summary: dict[str, Any], policies: Sequence[str]) -> list[dict[str, Any]]:

@@ -103,6 +103,8 @@ def _render(doc: dict) -> None:
             table.add_row(k, c, str(r["n"]), _rate(r["healed"]), _rate(r["harmed"]), _rate(r["escalated"]),
                           _rate(r["changed"]), f"{r['mean_cost']:.2f}")
     console.print(table)
+    for e in s["errors"]:
+        console.print(f"[red]could not run[/] {escape(e['scenario'])} / {escape(e['contender'])}: {escape(e['error'])}")
     for t in doc["targets"]:
         unmet = [c["target"] for c in t["checks"] if not c["met"]]
         console.print(f"{escape(t['policy'])}: " + ("[green]every target met[/]" if not unmet else

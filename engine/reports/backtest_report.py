@@ -122,6 +122,13 @@ def _scenario_rows(results: list[dict[str, Any]]) -> str:
             "<th class='l'>approved escalation</th><th>record</th></tr>" + "".join(rows) + "</table>")
 
 
+def _errors(summary: dict[str, Any]) -> str:
+    if not summary.get("errors"):
+        return ""
+    items = "".join(f"<li>{esc(e['scenario'])} / {esc(e['contender'])}: {esc(e['error'])}</li>" for e in summary["errors"])
+    return f"<div class='note'>{len(summary['errors'])} run(s) could not run and are left out of the rates:<ul>{items}</ul></div>"
+
+
 def render_backtest_report(doc: dict[str, Any]) -> str:
     """The report's HTML from the backtest document."""
     summary = doc["summary"]
@@ -136,6 +143,6 @@ def render_backtest_report(doc: dict[str, Any]) -> str:
         f"<img alt='harm rates' src='{rates_figure(summary, 'harmed')}'></div>"),
         "<h2>What approving an escalation buys</h2>", _approved_table(summary),
         "<h2>Targets</h2>", _targets(doc["targets"]),
-        "<h2>Every scenario</h2>", _scenario_rows(doc["results"]),
+        "<h2>Every scenario</h2>", _errors(summary), _scenario_rows([r for r in doc["results"] if not r.get("error")]),
     ]
     return page("cxr-triage backtest", BASE_CSS + RUN_REPORT_CSS, body)
