@@ -39,7 +39,7 @@ DEFINITIONS = {
 
 def build_document(scenarios: Sequence[Scenario], who: Sequence[Contender],
                    results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    summary = summarize(results)
+    summary = summarize(results, [c.name for c in who])
     policies = [c.name for c in who if c.baseline is None]
     return {
         "format": "cxr-triage-backtest", "format_version": 1, "tool_version": TOOL_VERSION,

@@ -46,16 +46,17 @@ def _group(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarize(results: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> dict[str, Any]:
     """``{"by_fault": {fault: {contender: row}}, "overall": {contender: row}, "approved": {...}, "errors": [...]}``.
 
-    Records with an ``error`` (a scenario that could not run) are listed under ``errors`` and left out of the rates.
+    ``order`` gives the contenders' order (policies first, as run); others follow by name. Records with an ``error`` (a scenario that could not run) are listed under ``errors`` and left out of the rates.
     """
     errors = [{"scenario": r["scenario"]["name"], "contender": r["contender"], "error": r["error"]}
               for r in results if r.get("error")]
     results = [r for r in results if not r.get("error")]
     kinds = sorted({r["scenario"]["fault_kind"] for r in results}, key=lambda k: (k == CLEAN, k))
-    names = list(dict.fromkeys(r["contender"] for r in results))
+    seen = {r["contender"] for r in results}
+    names = [c for c in order if c in seen] + sorted(seen - set(order))
     by_fault = {k: {c: _group([r for r in results if r["scenario"]["fault_kind"] == k and r["contender"] == c])
                     for c in names} for k in kinds}
     overall = {c: _group([r for r in results if r["contender"] == c]) for c in names}

@@ -54,9 +54,11 @@ def rates_figure(summary: dict[str, Any], metric: str) -> str:
         ax.bar(x, vals, width=width, color=_COLOURS[i % len(_COLOURS)], label=c, yerr=[lo, hi], capsize=2,
                error_kw={"elinewidth": 0.8})
     ax.set_xticks(np.arange(len(kinds)), kinds)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel(f"{metric} rate")
-    ax.legend(fontsize=7, ncols=min(4, len(names)))
+    ax.set_title(f"{metric} (95 % Wilson intervals)", fontsize=9)
+    ax.legend(fontsize=7, ncols=min(5, len(names)), loc="upper center", frameon=False)
     return png_data_uri(fig)
 
 
