@@ -10,12 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_rows, write_nih_dataset
+
 from engine.core.facts import IssueFact
 from interventions.base import TreatmentContext
 from interventions.registry import get_intervention
-from interventions.resolution import down_up, jitter_range, matched_factor, resolution_jitter
+from interventions.resolution import (
+    down_up,
+    jitter_range,
+    matched_factor,
+    resolution_jitter,
+)
 from model.bundle import new_bundle
 from model.data import load_nih_dataset
 from model.data.faults import apply_blur
