@@ -9,7 +9,16 @@ Some faults live in the backbone's features, where no classifier-level change re
   finding. Counterfactual copies of a share of the label's NEGATIVES with the artefact drawn in —
   still labelled negative — break that correlation at its source. The artefact is the fault
   injector's chest tube (``model.data.faults.draw_tube``, the one drawer injection and augmentation share);
-  another kind of shortcut needs its own drawer.
+  another kind of shortcut needs its own drawer;
+* lost **resolution** (``recall_collapse``, ``auroc_drop``): a softer detector or a resampling step (the
+  ``blur`` fault) fades the fine detail a finding is read from. The fit split's sharpness is measured
+  (an equivalent Gaussian sigma, :mod:`model.data.sharpness`) and training images are blurred or
+  down-and-up-sampled across the range from as sharp as they are to at least that blur
+  (:mod:`interventions.resolution`); the measurement and the range go into ``changes``. ``auto`` picks it
+  for both kinds: where ranking or recall fell and the classifier-level fixes did not hold, lost detail
+  is what a fine-tune of the top of the backbone can give back (intensity changes show first as
+  calibration drift with ranking intact). Label noise also lowers AUROC; no augmentation heals that,
+  and verification says so.
 
 Only ``features.denseblock4``, ``features.norm5`` and ``classifier`` train (``fit_model`` with a
 ``trainable`` filter, on a copy), for a bounded number of epochs, keeping the best epoch by
@@ -35,9 +44,11 @@ from engine.core.errors import DataError, InterventionError
 from engine.core.validation import show_value
 from interventions.attribution import finite_or_none, output_index, truth_index
 from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
+from interventions.resolution import BLUR_SHARE, jitter_range, resolution_jitter
 from model.bundle import BundleMeta
 from model.data import patient_disjoint_split, read_images
 from model.data.faults import draw_tube
+from model.data.sharpness import measure_sharpness
 from model.features import compute_features
 from model.labels import CHEXNET_LABELS
 from model.metrics import auroc, sigmoid, youden_threshold
@@ -115,6 +126,37 @@ def _with_counterfactuals(ctx: TreatmentContext, params: AugmentationInterventio
     return train_images, train_labels, record
 
 
+def _resolution_augment(meta: BundleMeta, params: AugmentationIntervention.Params,
+                        images: np.ndarray) -> tuple[Callable[[torch.Tensor, torch.Generator], torch.Tensor], dict[str, Any]]:
+    """The resolution jitter matched to the fit split's measured sharpness, and its recipe entry."""
+    measurement = measure_sharpness(images)
+    q90 = measurement.quantile(0.9)
+    if q90 is None:
+        raise InterventionError("augmentation (resolution): no fit-split image has an edge to measure its "
+                                "sharpness on, so no blur range can be matched to it")
+    sigma_max, factor_max = jitter_range(q90, meta.input_size, params.blur_scale)
+    record = {"sharpness": measurement.record(),
+              "jitter": {"blur_sigma64": [0.0, sigma_max], "down_up_factor": [1.0, factor_max],
+                         "blur_share": BLUR_SHARE, "blur_scale": params.blur_scale,
+                         "blur": "model.data.faults.apply_blur"}}
+    return resolution_jitter(sigma_max, factor_max), record
+
+
+def _training_set(ctx: TreatmentContext, params: AugmentationIntervention.Params, mode: str, dataset: Any,
+                  images: np.ndarray, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any, dict[str, Any]]:
+    """The mode's training images, labels, batch augmentation and recipe entry."""
+    meta = ctx.bundle.meta
+    if mode == "shortcut":
+        train_images, train_labels, record = _with_counterfactuals(ctx, params, dataset, images, train_idx)
+        return train_images, train_labels, True, record
+    if mode == "resolution":
+        augment, record = _resolution_augment(meta, params, images)
+    else:
+        augment = intensity_jitter(meta)
+        record = {"jitter": {"gamma": [0.7, 1.4], "gain": 0.15, "bias": 0.1, "noise": 0.03}}
+    return images[train_idx], dataset.labels[train_idx], augment, record
+
+
 def _refit_thresholds(meta: BundleMeta, val_labels: np.ndarray, val_after: np.ndarray,
                       least: int) -> tuple[list[float], list[str], list[str]]:
     """Youden thresholds on the inner validation part for labels with ``least`` positives and negatives there
@@ -151,18 +193,23 @@ def _fit_metrics(label: str | None, labels: tuple[str, ...], val_labels: np.ndar
     return fit_metrics
 
 
+#: ``mode: auto`` by issue kind (other treated kinds: resolution).
+_AUTO_MODES = {"fp_cluster": "shortcut", "calibration_drift": "intensity"}
+
+
 class AugmentationIntervention(Intervention):
     """Fine-tune the top of the backbone with augmentation aimed at the fault."""
 
     name = "augmentation"
-    treats = ("calibration_drift", "fp_cluster")
+    treats = ("calibration_drift", "fp_cluster", "recall_collapse", "auroc_drop")
     expected_time_s = 120.0
     classifier_only = False
 
     class Params(InterventionParams):
         """``params.augmentation``: the fault's augmentation and the fine-tuning schedule."""
 
-        mode: Literal["auto", "intensity", "shortcut"] = "auto"
+        #: auto: shortcut for fp_cluster, intensity for calibration_drift, resolution otherwise.
+        mode: Literal["auto", "intensity", "shortcut", "resolution"] = "auto"
         epochs: int = Field(3, ge=1, le=100)
         lr: float = Field(3e-4, gt=0.0, allow_inf_nan=False)
         weight_decay: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
@@ -170,13 +217,15 @@ class AugmentationIntervention(Intervention):
         patience: int = Field(2, ge=1)
         val_fraction: float = Field(0.2, gt=0.0, le=1.0, allow_inf_nan=False)
         counterfactual_share: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+        #: resolution: the largest added blur is this times the fit split's 90th-percentile measured sigma.
+        blur_scale: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
         min_threshold_positives: int = Field(5, ge=1)
         trainable: Annotated[tuple[str, ...], BeforeValidator(_check_prefixes)] = TRAINABLE_PREFIXES
 
     def _mode(self, ctx: TreatmentContext, params: AugmentationIntervention.Params) -> str:
         if params.mode != "auto":
             return params.mode
-        return "shortcut" if ctx.fact.kind == "fp_cluster" else "intensity"
+        return _AUTO_MODES.get(ctx.fact.kind, "resolution")
 
     def _applicable(self, ctx: TreatmentContext, params: AugmentationIntervention.Params) -> tuple[bool, str]:
         if list(ctx.bundle.labels) != list(CHEXNET_LABELS):
@@ -216,13 +265,8 @@ class AugmentationIntervention(Intervention):
         except DataError as exc:
             raise InterventionError(f"augmentation: cannot read the fit split's images: {exc}") from exc
         train_idx, val_idx = patient_disjoint_split(dataset, params.val_fraction, ctx.seed)
-        if mode == "shortcut":
-            train_images, train_labels, recipe_extra = _with_counterfactuals(ctx, params, dataset, images, train_idx)
-            augment: Any = True
-        else:
-            train_images, train_labels = images[train_idx], dataset.labels[train_idx]
-            augment = intensity_jitter(meta)
-            recipe_extra = {"jitter": {"gamma": [0.7, 1.4], "gain": 0.15, "bias": 0.1, "noise": 0.03}}
+        train_images, train_labels, augment, recipe_extra = _training_set(ctx, params, mode, dataset, images,
+                                                                           train_idx)
 
         val_images, val_labels = images[val_idx], dataset.labels[val_idx]
         _, val_before = compute_features(ctx.bundle, val_images)

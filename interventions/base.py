@@ -109,7 +109,7 @@ class Intervention(ABC):
         :meth:`_applicable`, which receives the validated parameters.
         """
         if ctx.fact.kind not in self.treats:
-            return False, f"{self.name} does not treat {ctx.fact.kind}"
+            return False, f"{self.name} does not treat {ctx.fact.kind} (it treats {', '.join(self.treats)})"
         try:
             params = self.read_params(ctx.params)
         except InterventionError as exc:

@@ -48,6 +48,8 @@ def test_shipped_policies_load(path: Path) -> None:
         assert names, kind
         for name in names:
             assert policy.cost(name) >= 0 and policy.expected_time(name) >= 0
+            # Only pairs the plugin treats: an approved escalation must be able to run.
+            assert kind in registry.available_interventions()[name].treats, (kind, name)
 
 
 def test_default_policy_is_the_papers_cost_matrix() -> None:
@@ -178,6 +180,9 @@ def test_plugin_interventions_are_validated_against_the_registry(monkeypatch: py
     monkeypatch.setitem(registry.BUILTINS, "denoise", Denoise)
     with pytest.raises(PolicyError, match=r"At index 0: intervention 'denoise' has no cost; add costs.denoise"):
         policy_from_dict({"name": "x", "treatments": {"auroc_drop": ["denoise"]}})
+    with pytest.raises(PolicyError, match=r"At key: treatments ==> At key: fp_cluster: denoise does not treat "
+                                          r"fp_cluster \(it treats auroc_drop\)"):
+        policy_from_dict({"name": "x", "costs": {"denoise": 1.5}, "treatments": {"fp_cluster": ["zeroing", "denoise"]}})
     policy = policy_from_dict({"name": "x", "costs": {"denoise": 1.5}, "treatments": {"auroc_drop": ["denoise"]}})
     assert policy.cost("denoise") == 1.5
     assert policy.expected_time("denoise") == 42.0  # the plugin's own estimate when the policy gives none
@@ -394,6 +399,23 @@ def test_cli_validate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert main(["policy", "validate", str(bad)]) == 1
     err = capsys.readouterr().err.replace("\n", "")
     assert "zeroing: must be a number >= 0, got -1" in err and "Traceback" not in err
+
+
+def test_cli_validate_refuses_a_pair_its_plugin_does_not_treat(capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    """Approving such a pair would answer "not applicable", so the plan is refused when it loads."""
+    bad = write(tmp_path, "name: x\ntreatments:\n  recall_collapse: [threshold, zeroing]\n"
+                          "  compression_fidelity: [f_reopt, threshold]\n")
+    assert main(["policy", "validate", str(bad)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    for line in (f"{bad}: ==> At key: treatments ==> At key: recall_collapse: zeroing does not treat recall_collapse "
+                 "(it treats fp_cluster)",
+                 f"{bad}: ==> At key: treatments ==> At key: compression_fidelity: threshold does not treat "
+                 "compression_fidelity (it treats calibration_drift, recall_collapse)"):
+        assert line in err, err
+    assert "Traceback" not in err and "augmentation" not in err  # the default pairs it fills in are all treatable
+    for shipped in (DEFAULT, CHEAP):
+        assert main(["policy", "validate", str(shipped)]) == 0
 
 
 def test_cli_explain_shows_candidates_and_default_choice(capsys: pytest.CaptureFixture[str],

@@ -351,7 +351,7 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Policy":
         """What one field cannot check alone: prices of the treatments, plugin parameters, label overrides."""
-        problems = self._check_priced_treatments()
+        problems = self._check_priced_treatments() + self._check_treated_kinds()
         for name, params in self.params.items():
             problems += _check_plugin_params(name, params, ("params", name))
         monitor_overrides = dict(self.monitors.overrides)
@@ -376,6 +376,19 @@ class Policy(_Strict):
                 if name not in self.expected_time_s:
                     problems.append((("treatments", kind, i),
                                      f"intervention {name!r} has no expected time; add expected_time_s.{name}"))
+        return problems
+
+    def _check_treated_kinds(self) -> list[_Problem]:
+        """Every (kind, intervention) pair names a plugin whose ``treats`` lists the kind: a pair its plugin
+        refuses would be proposed, escalated for approval, and then answer "not applicable" when approved."""
+        problems: list[_Problem] = []
+        plugins = available_interventions()
+        for kind, names in self.treatments.items():
+            for name in names:
+                treats = tuple(getattr(plugins.get(name), "treats", ()) or ())
+                if name in plugins and kind not in treats:
+                    treated = ", ".join(treats) if treats else "no issue kind"
+                    problems.append((("treatments", kind), f"{name} does not treat {kind} (it treats {treated})"))
         return problems
 
     def _resolve_label(self, label: str, override: LabelOverride,
