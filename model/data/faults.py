@@ -8,10 +8,11 @@ fault               what changes                                   expected issu
 ==================  =============================================  ============================
 ``scanner_shift``   gamma / contrast / brightness / noise of a new  calibration_drift
                     scanner or protocol, on every image
-``shortcut:LABEL``  a chest-drain-like tube drawn on LABEL's        fp_cluster (LABEL)
-                    positives in train_val and on a fraction of
-                    its negatives in test
-``blur``            Gaussian blur (lower effective resolution)      recall_collapse (Nodule, Mass)
+``shortcut:LABEL``  a chest-drain-like tube drawn on LABEL's        fp_cluster (LABEL), with
+                    positives in train_val and on a fraction of     auroc_drop / calibration_drift
+                    its negatives in test                           as its symptoms
+``blur``            Gaussian blur (lower effective resolution)      recall_collapse / auroc_drop
+                                                                    (Nodule, Mass first)
 ``prevalence``      rows subsampled so LABEL's prevalence is P      prevalence_shift (LABEL)
 ``label_noise``     a fraction of (image, label) entries flipped    auroc_drop / calibration
 ==================  =============================================  ============================
@@ -324,12 +325,16 @@ def _plan(spec: FaultSpec, ds: NIHDataset, splits: dict[str, str], seed: int) ->
     return _PLANNERS[spec.name](spec.params, ds, splits, rng)
 
 
-def _every_image(op: str, labels: tuple[str, ...], kind: str) -> _Planner:
-    """A planner that applies ``op`` to every image (scanner_shift, blur); ``kind`` on ``labels`` is expected."""
+def _every_image(op: str, labels: tuple[str, ...], kinds: tuple[str, ...]) -> _Planner:
+    """A planner that applies ``op`` to every image (scanner_shift, blur); ``kinds`` are expected on any label.
+
+    ``labels`` are the ones the fault hits first (``affected_labels``); a fault on every image may show
+    on any label, so the ground truth names all 14.
+    """
 
     def plan(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rng: np.random.Generator) -> _Plan:
         return _Plan(modify={n: {"op": op} for n in ds.image_names}, affected=list(labels),
-                     expected=[{"kind": kind, "labels": list(labels)}])
+                     expected=[{"kind": kind, "labels": list(CHEXNET_LABELS)} for kind in kinds])
 
     return plan
 
@@ -353,8 +358,12 @@ def _plan_shortcut(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str], rn
     for i in picked:
         plan.modify[test_neg[i]] = {"op": "shortcut_tube", "split": "test", "label_positive": False}
     plan.affected = [p["label"]]
+    # The cause first; its symptoms on the same label count as the fault showing (the demo's shortcut
+    # run raises all three), so a backtest can tell when treating them heals it.
     plan.expected = [{"kind": "fp_cluster", "labels": [p["label"]],
-                      "when": "a model trained on this folder's train_val is audited on its test split"}]
+                      "when": "a model trained on this folder's train_val is audited on its test split"},
+                     {"kind": "auroc_drop", "labels": [p["label"]], "when": "symptom of the shortcut"},
+                     {"kind": "calibration_drift", "labels": [p["label"]], "when": "symptom of the shortcut"}]
     plan.notes = {"train_val_positives": len(all_train_pos), "train_val_positives_marked": len(train_pos),
                   "test_negatives": len(test_neg),
                   "test_negatives_marked": n_pick}
@@ -425,9 +434,10 @@ def _plan_label_noise(p: dict[str, Any], ds: NIHDataset, splits: dict[str, str],
 #: One planner per fault (an explicit table: adding a fault means a row here and in FAULT_SYNTAX).
 _PLANNERS: dict[str, _Planner] = {
     # Every label's calibration moves under a new scanner's curve; small findings lose recall first.
-    "scanner_shift": _every_image("scanner_shift", CHEXNET_LABELS, "calibration_drift"),
+    "scanner_shift": _every_image("scanner_shift", CHEXNET_LABELS, ("calibration_drift",)),
     "shortcut": _plan_shortcut,
-    "blur": _every_image("blur", SMALL_FINDINGS, "recall_collapse"),
+    # Lost resolution costs recall (small findings first) and can cost ranking.
+    "blur": _every_image("blur", SMALL_FINDINGS, ("recall_collapse", "auroc_drop")),
     "prevalence": _plan_prevalence,
     "label_noise": _plan_label_noise,
 }
