@@ -65,3 +65,16 @@ def test_paired_rate_delta_counts_lost_hits() -> None:
     after = np.array([1, 1, 0, 0, 0], bool)
     iv = paired_rate_delta(before, after, seed=0)
     assert iv.estimate == pytest.approx(-0.6) and iv.high < 0
+
+
+def test_paired_statistic_resamples_rows_for_any_statistic_and_says_when_undefined() -> None:
+    from model.paired import paired_statistic
+
+    before = np.zeros(200, bool)
+    after = np.r_[np.ones(60, bool), np.zeros(140, bool)]
+    iv = paired_statistic(lambda r: after[r].mean() - before[r].mean(), 200, seed=0)
+    assert iv.estimate == pytest.approx(0.3) and 0.2 < iv.low < 0.3 < iv.high < 0.4
+    assert iv == paired_statistic(lambda r: after[r].mean() - before[r].mean(), 200, seed=0)  # deterministic
+    undefined = paired_statistic(lambda r: float("nan"), 10)
+    assert not undefined.estimable and "undefined" in undefined.reason
+    assert paired_statistic(lambda r: 0.0, 0).reason == "no rows"
