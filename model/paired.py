@@ -13,7 +13,7 @@ Deterministic for a seed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "paired_mean_auroc_delta",
     "paired_rate_delta",
     "paired_youden_delta",
+    "paired_statistic",
     "rate_interval",
     "wilson_interval",
 ]
@@ -161,6 +162,28 @@ def paired_mean_auroc_delta(y: np.ndarray, before: np.ndarray, after: np.ndarray
     if bounds is None:
         return _unestimable(level, n, "paired_bootstrap_mean", "every resample had one class in every label")
     return Interval(_r(point), _r(bounds[0]), _r(bounds[1]), level, n, "paired_bootstrap_mean")
+
+
+def paired_statistic(statistic: Callable[[np.ndarray], float], n: int, *, level: float = 0.95,
+                     n_boot: int = DEFAULT_BOOT, seed: int | Sequence[int] = 0,
+                     method: str = "paired_bootstrap") -> Interval:
+    """Any paired before/after statistic of ``n`` rows, with its percentile-bootstrap interval.
+
+    ``statistic(rows)`` computes both models on the same (resampled) rows and returns their
+    comparison, e.g. ECE(before) − ECE(after); NaN (undefined on a resample) is dropped. For the
+    statistics the functions above do not cover (calibration, Youden J at a threshold).
+    """
+    if n <= 0:
+        return _unestimable(level, 0, method, "no rows")
+    point = float(statistic(np.arange(n)))
+    if not math.isfinite(point):
+        return _unestimable(level, n, method, "the statistic is undefined on these rows")
+    idx = bootstrap_indices(n, n_boot, seed)
+    values = np.array([statistic(rows) for rows in idx], dtype=np.float64)
+    bounds = _percentiles(values, level)
+    if bounds is None:
+        return _unestimable(level, n, method, "the statistic is undefined on every resample")
+    return Interval(_r(point), _r(bounds[0]), _r(bounds[1]), level, n, method)
 
 
 def rate_interval(hits: np.ndarray, *, level: float = 0.95) -> Interval:

@@ -139,13 +139,17 @@ class Dec:
 #: Budget caps high enough never to bind ("unlimited" for these tests).
 NO_LIMIT_ATTEMPTS = 1000
 NO_LIMIT_COST = 1e6
+#: A true-positive allowance that never binds on these 240 images.
+TP_ANY = 10**6
 
 
 def make_policy(table: dict[str, list[tuple[str, float]]], *, auto_max_cost: float = 10.0,
                 max_attempts: int | None = None, max_total_cost: float | None = None) -> Policy:
     """A real policy: ``table`` gives each kind's treatments with their costs; the acceptance allows
-    0.05 AUROC on other labels (the rest default: no TP lost, the issue must be gone, no new issues);
-    a budget cap left None does not bind. Build it inside a test: the fake plugins must be registered."""
+    0.05 AUROC on other labels and any number of true positives lost (the planted upward drift flags
+    nearly every image, so its fix gives back true positives the drift inflated; the TP rule has its
+    own tests), the rest default (the issue must be gone, no new issues); a budget cap left None does
+    not bind. Build it inside a test: the fake plugins must be registered."""
     return policy_from_dict({
         "name": "test-policy",
         "treatments": {kind: [name for name, _ in cands] for kind, cands in table.items()},
@@ -153,7 +157,7 @@ def make_policy(table: dict[str, list[tuple[str, float]]], *, auto_max_cost: flo
         "approval": {"auto_max_cost": auto_max_cost},
         "budget": {"max_attempts_per_issue": NO_LIMIT_ATTEMPTS if max_attempts is None else max_attempts,
                    "max_total_cost": NO_LIMIT_COST if max_total_cost is None else max_total_cost},
-        "acceptance": {"max_other_auroc_change": 0.05},
+        "acceptance": {"max_other_auroc_change": 0.05, "max_tp_lost": TP_ANY},
     })
 
 
@@ -273,7 +277,13 @@ def test_failed_verification_rolls_back_and_escalates(world: World, tmp_path: Pa
     assert second["result"] == "accepted" and all(c["passed"] for c in second["verify"]["checks"])
     # Verify-split metrics before/after, per label.
     assert set(second["verify"]["before"][DRIFT_LABEL]) >= {"auroc", "ece", "sensitivity", "specificity"}
-    assert tr["rationale"].startswith("tried first: worsen rejected (issue_gone, other_labels_auroc_drop")
+    assert tr["rationale"].startswith("tried first: worsen rejected (issue_gone, improvement_significant, ")
+    # The second candidate tried for the issue has its improvement judged at the Bonferroni level.
+    first_gain, second_gain = ({c["name"]: c for c in a["verify"]["checks"]}["improvement_significant"]
+                               for a in (first, second))
+    assert (first_gain["candidate_k"], first_gain["level"]) == (1, 0.95)
+    assert (second_gain["candidate_k"], second_gain["level"]) == (2, 0.975)
+    assert second_gain["passed"] and second_gain["low"] > 0
     assert "threshold passed every verification check" in tr["rationale"]
     # The treated bundle: thresholds changed, weights not, parent recorded.
     saved = load_bundle(tmp_path / "run" / "model.safetensors")
@@ -496,7 +506,20 @@ def test_cli_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_real_policy_treats_a_logit_shift_with_the_threshold(world: World, tmp_path: Path) -> None:
-    policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "policies" / "default.yaml"
+    # As shipped, no treatment may lose a true positive on the verify split: the drift flags nearly
+    # every image, so its fix (Youden J up from ~0) gives back some and is left to a human.
+    with AuditStore(tmp_path / "audit0.db") as audit:
+        shipped = run_triage(world.drifted, world.dataset, load_policy(path), out_dir=tmp_path / "run0", audit=audit)
+    first = next(t for t in shipped.decision["treatments"] if t["kind"] == "calibration_drift")["attempts"][0]
+    assert first["chosen"]["intervention"] == "threshold" and first["result"] == "rejected"
+    assert [c["name"] for c in first["verify"]["checks"] if not c["passed"]] == ["tp_lost"]
+    # A site that accepts trading those back raises max_tp_lost; the threshold is then accepted.
+    data = yaml.safe_load(path.read_text())
+    data["acceptance"]["max_tp_lost"] = 20
+    policy = policy_from_dict(data, "site.yaml")
     with AuditStore(tmp_path / "audit.db") as audit:
         result = run_triage(world.drifted, world.dataset, policy, out_dir=tmp_path / "run", audit=audit)
         assert audit.verify().ok
@@ -541,8 +564,8 @@ def test_an_issue_that_cannot_be_assessed_on_the_verify_split_is_not_verified(wo
     vr = verify_treatment(fact=fact, intervention="threshold", before_bundle=world.drifted,
                           after_bundle=world.drifted, before=data, after=data, monitor_fn=blind,
                           acceptance=Acceptance())
-    assert not vr.passed
-    assert [c["name"] for c in vr.checks if not c["passed"]] == ["issue_assessable"]
+    assert not vr.passed  # (an unchanged model shows no improvement either)
+    assert [c["name"] for c in vr.checks if not c["passed"]] == ["issue_assessable", "improvement_significant"]
 
 
 def test_a_partial_cannot_assess_blocks_only_what_it_skipped(world: World) -> None:
@@ -564,8 +587,9 @@ def test_a_partial_cannot_assess_blocks_only_what_it_skipped(world: World) -> No
     recall = fact.model_copy(update={"kind": "recall_collapse"})
     vr = verify_treatment(fact=recall, intervention="threshold", before_bundle=world.drifted, after_bundle=fixed,
                           before=data, after=extract_features(fixed, world.dataset), monitor_fn=few_positives,
-                          acceptance=Acceptance(max_other_auroc_change=1.0))
-    assert [c["name"] for c in vr.checks if not c["passed"]] == ["issue_assessable"]
+                          acceptance=Acceptance(max_other_auroc_change=1.0, max_tp_lost=TP_ANY))
+    # (undoing an upward drift lowers recall: no recall improvement to show either)
+    assert [c["name"] for c in vr.checks if not c["passed"]] == ["issue_assessable", "improvement_significant"]
 
 
 def test_without_verify_positives_only_a_negatives_only_drift_is_verifiable(world: World) -> None:
@@ -589,7 +613,7 @@ def test_without_verify_positives_only_a_negatives_only_drift_is_verifiable(worl
         f = fact.model_copy(update={"evidence": dict(fact.evidence, criteria=criteria)})
         vr = verify_treatment(fact=f, intervention="threshold", before_bundle=world.drifted, after_bundle=fixed,
                               before=data, after=after, monitor_fn=no_positives,
-                              acceptance=Acceptance(max_other_auroc_change=1.0))
+                              acceptance=Acceptance(max_other_auroc_change=1.0, max_tp_lost=TP_ANY))
         outcome[tuple(criteria)] = [c["name"] for c in vr.checks if not c["passed"]]
     assert outcome == {("threshold_displacement",): [], ("ece", "threshold_displacement"): ["issue_assessable"]}
 

@@ -80,3 +80,16 @@ def test_youden_delta_judges_a_trade_on_the_sum() -> None:
     after = np.r_[np.ones(18), np.zeros(2), np.zeros(80)].astype(bool)   # sens 0.9, spec 1.0
     iv = paired_youden_delta(y, before, after, seed=0)
     assert iv.estimate == pytest.approx(0.4) and iv.low > 0
+
+
+def test_paired_statistic_resamples_rows_for_any_statistic_and_says_when_undefined() -> None:
+    from model.paired import paired_statistic
+
+    before = np.zeros(200, bool)
+    after = np.r_[np.ones(60, bool), np.zeros(140, bool)]
+    iv = paired_statistic(lambda r: after[r].mean() - before[r].mean(), 200, seed=0)
+    assert iv.estimate == pytest.approx(0.3) and 0.2 < iv.low < 0.3 < iv.high < 0.4
+    assert iv == paired_statistic(lambda r: after[r].mean() - before[r].mean(), 200, seed=0)  # deterministic
+    undefined = paired_statistic(lambda r: float("nan"), 10)
+    assert not undefined.estimable and "undefined" in undefined.reason
+    assert paired_statistic(lambda r: 0.0, 0).reason == "no rows"

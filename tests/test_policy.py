@@ -96,7 +96,11 @@ def test_content_hash_ignores_formatting_and_follows_content(tmp_path: Path) -> 
      "treatments, conditions, acceptance, verification, approval, budget, params, labels, monitors)"),
     ("name: x\nacceptance:\n  max_ece: 0.1\n",
      "==> At key: acceptance ==> At key: max_ece: unknown key (expected one of: max_other_auroc_change, "
-     "min_improvement, max_tp_lost, max_new_issues, min_fp_removed_share)"),
+     "min_improvement, max_tp_lost, max_new_issues, min_fp_removed_share, confidence, bootstrap_resamples)"),
+    ("name: x\nacceptance:\n  confidence: 1.5\n",
+     "==> At key: acceptance ==> At key: confidence: must be a number < 1, got 1.5"),
+    ("name: x\nacceptance:\n  bootstrap_resamples: 10\n",
+     "==> At key: acceptance ==> At key: bootstrap_resamples: must be an integer >= 100, got 10"),
     ("name: x\ntreatments:\n  fp_clusters: [zeroing]\n",
      "==> At key: treatments ==> At key: fp_clusters: unknown issue kind 'fp_clusters'"),
     ("name: x\ntreatments:\n  input_drift: [threshold]\n",
@@ -293,8 +297,10 @@ def test_policy_is_immutable() -> None:
 
 
 def test_acceptance_limits_map_onto_the_verifier_per_label() -> None:
-    """The verifier's Acceptance is built from ``acceptance_for(label).model_dump()``: same fields, label merged."""
-    assert set(AcceptanceConfig.model_fields) == {f.name for f in dataclasses.fields(Acceptance)}
+    """The verifier's Acceptance is built from ``acceptance_for(label).model_dump()``: same fields, label merged
+    (plus the label's sensitivity target and the monitors' floor of positives, read from elsewhere in the policy)."""
+    assert set(AcceptanceConfig.model_fields) == {f.name for f in dataclasses.fields(Acceptance)} - {
+        "sensitivity_target", "min_positives"}
     policy = policy_from_dict({
         "name": "x",
         "acceptance": {"max_other_auroc_change": 0.02, "min_improvement": 0.5, "max_new_issues": 2},
@@ -307,6 +313,20 @@ def test_acceptance_limits_map_onto_the_verifier_per_label() -> None:
     assert other == Acceptance(max_other_auroc_change=0.02, max_tp_lost=0, min_improvement=0.5, max_new_issues=2,
                                min_fp_removed_share=0.5)
     assert Acceptance(**policy.acceptance_for(None).model_dump()) == other
+
+
+def test_the_verifier_reads_the_labels_sensitivity_target_and_the_statistical_settings() -> None:
+    from engine.triage import acceptance_from_policy
+
+    policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "default.yaml")
+    emergency = acceptance_from_policy(policy, "Pneumothorax")
+    assert (emergency.sensitivity_target, emergency.max_tp_lost) == (0.9, 0)  # fixed_sensitivity target 0.9
+    other = acceptance_from_policy(policy, "Effusion")  # youden: no target
+    assert other.sensitivity_target is None and other.min_positives == policy.monitors.min_comparison_positives
+    assert (other.confidence, other.bootstrap_resamples) == (0.95, 1000)
+    strict = policy_from_dict({"name": "x", "acceptance": {"confidence": 0.99, "bootstrap_resamples": 2000}})
+    assert (acceptance_from_policy(strict, None).confidence, acceptance_from_policy(strict, None).bootstrap_resamples) \
+        == (0.99, 2000)
 
 
 # -- cost revision ------------------------------------------------------------------------------

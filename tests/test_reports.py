@@ -300,7 +300,13 @@ def _fake_run(tmp_path: Path, *, scores: bool) -> tuple[Path, Path, str]:
     before = {"Effusion": _metrics(0.80, 0.7, 0.6, 0.30), "Atelectasis": _metrics(0.70, 0.5, 0.7, 0.10)}
     after = {"Effusion": _metrics(0.80, 0.8, 0.55, 0.04), "Atelectasis": _metrics(0.70, 0.5, 0.7, 0.10)}
     verification = {"fact_id": "f1", "attempt": 1, "intervention": "temperature", "passed": True,
-                    "checks": [{"name": "issue_gone", "value": 0, "limit": 0, "passed": True, "detail": "gone"}],
+                    "checks": [{"name": "issue_gone", "value": 0, "limit": 0, "passed": True, "detail": "gone"},
+                               {"name": "improvement_significant", "value": 0.2614, "limit": 0, "passed": True,
+                                "detail": "ECE reduction", "low": 0.1042, "high": 0.3381, "level": 0.975, "n": 50,
+                                "method": "paired_bootstrap", "reason": None, "candidate_k": 2},
+                               {"name": "other_labels_noninferior", "value": None, "limit": -0.01, "passed": True,
+                                "detail": "nothing to compare", "low": None, "high": None, "level": 0.95, "n": 50,
+                                "method": "paired_bootstrap_mean", "reason": "no other label has both classes"}],
                     "before": before, "after": after, "acceptance": {"max_other_auroc_change": 0.01}}
     if scores:
         from safetensors.numpy import save_file
@@ -345,6 +351,9 @@ def test_run_report_shows_candidates_metrics_and_integrity(tmp_path: Path) -> No
         assert f"id='{anchor}'" in html, anchor
     assert "propose:calibration_drift:temperature" in html and "★ chosen" in html and "full_retrain" in html
     assert "Chose temperature (cost 1): cheapest" in html
+    # Statistical checks show their interval, level and method, or why they cannot be estimated.
+    assert "0.2614 [0.1042, 0.3381]<br><small>97.5 % paired_bootstrap, candidate 2</small>" in html
+    assert "cannot be estimated<br><small>no other label has both classes</small>" in html
     assert "audit chain intact" in html and "SHA-256 matches the audit record" in html
     assert html.count("src='data:image/png;base64,") == 3  # AUROC, ROC-space operating points, ECE
     assert "need per-image verify scores" in html  # the limitation is stated

@@ -245,11 +245,24 @@ def _candidates_table(attempt: dict[str, Any]) -> str:
     return "".join(rows)
 
 
+def _check_value(c: dict[str, Any]) -> str:
+    """A check's value; with its interval, level and method where it carries one (statistical checks)."""
+    if "level" not in c:
+        return num(c.get("value"), ".4g")
+    if c.get("value") is None:
+        return f"cannot be estimated<br><small>{esc(c.get('reason'))}</small>"
+    interval = "" if c.get("low") is None else f" [{num(c.get('low'), '.4g')}, {num(c.get('high'), '.4g')}]"
+    how = f"{num(100 * float(c['level']), '.3g')} % {esc(c.get('method'))}"
+    if c.get("candidate_k") is not None:
+        how += f", candidate {esc(c['candidate_k'])}"
+    return f"{num(c.get('value'), '.4g')}{interval}<br><small>{how}</small>"
+
+
 def _checks_table(checks: list[dict[str, Any]]) -> str:
-    rows = ["<table><tr><th>check</th><th>value</th><th>limit</th><th>result</th><th>detail</th></tr>"]
+    rows = ["<table><tr><th>check</th><th>value [interval]</th><th>limit</th><th>result</th><th>detail</th></tr>"]
     for c in checks:
         res = "<span class='ok'>passed</span>" if c.get("passed") else "<span class='bad'>FAILED</span>"
-        rows.append(f"<tr><td>{esc(c.get('name'))}</td><td class='n'>{num(c.get('value'), '.4g')}</td>"
+        rows.append(f"<tr><td>{esc(c.get('name'))}</td><td class='n'>{_check_value(c)}</td>"
                     f"<td class='n'>{num(c.get('limit'), '.4g')}</td><td>{res}</td><td>{esc(c.get('detail'))}</td></tr>")
     rows.append("</table>")
     return "".join(rows)

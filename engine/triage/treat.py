@@ -41,8 +41,14 @@ SCORES_DIR = "verify_scores"
 
 
 def acceptance_from_policy(policy: Policy, label: str | None) -> Acceptance:
-    """The verify-split limits for ``label`` from ``policy.acceptance_for(label)``."""
-    return Acceptance(**policy.acceptance_for(label).model_dump())
+    """The verify-split limits for ``label``: ``policy.acceptance_for(label)``, the label's sensitivity
+    target (``params.threshold``: ``method: fixed_sensitivity``, ``target``) and the monitors' floor of
+    positives for comparisons (``min_comparison_positives``)."""
+    threshold = policy.params_for("threshold", label)
+    target = threshold.get("target") if threshold.get("method") == "fixed_sensitivity" else None
+    return Acceptance(**policy.acceptance_for(label).model_dump(),
+                      sensitivity_target=None if target is None else float(target),
+                      min_positives=int(policy.monitors.for_label(label).min_comparison_positives))
 
 
 @dataclass
@@ -55,6 +61,7 @@ class _Escalation:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     attempt_no: int = 0
     tried: int = 0  # interventions actually run for this issue (the per-issue budget)
+    verified: int = 0  # candidates judged on the verify split (the Bonferroni count)
     outcome: str = "no_candidate"
     chosen: str | None = None
 
@@ -200,9 +207,11 @@ def _verify(run: TriageRun, esc: _Escalation, record: dict[str, Any], name: str,
     except InterventionError as exc:
         record["error"] = str(exc)
         return None
+    esc.verified += 1
     vr = verify_treatment(fact=fact, intervention=name, before_bundle=run.current.bundle, after_bundle=result.bundle,
                           before=v_before, after=v_after, monitor_fn=run.monitor_fn, acceptance=acceptance,
-                          parent=run.parent, parent_data=run.parent_verify, facts_before=facts_before)
+                          parent=run.parent, parent_data=run.parent_verify, facts_before=facts_before,
+                          seed=run.seed, candidate_k=esc.verified)
     verify_wall = time.perf_counter() - t
     scores = _write_scores(run.out_dir, fact.fact_id, esc.attempt_no, v_before, v_after, result.bundle.labels)
     record["verify"] = to_jsonable({**vr.to_dict(), "scores": scores})

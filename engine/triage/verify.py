@@ -1,15 +1,20 @@
 """Verification of a treated model on the held-out verify split: accept, or roll back.
 
 A treatment is judged on data it never saw (the verify split is patient-disjoint from the fit
-split the intervention used). Two questions, each a named check with its value and limit so the
+split the intervention used). Three questions, each a named check with its value and limit so the
 audit can show exactly why a change was accepted or rejected:
 
 1. Did the issue go away? The monitor that raised the fact is re-run on the verify split with the
    treated model, restricted to the fact's label and kind; the issue must be gone, or (when the
    policy sets a least improvement) its distance from the reference must shrink by that fraction.
-2. What else did it break? Per-label AUROC of the other labels may not fall by more than the
-   policy allows, treatments of false positives may lose at most ``max_tp_lost`` true positives,
-   and the treatment may not raise new actionable issues on other labels.
+2. Is the improvement, and the target label's own operating point, beyond noise? The checks of
+   :mod:`engine.triage.acceptance`: true positives lost and sensitivity against the policy's target
+   for every treatment that moved the label's operating point, a per-kind paired statistic whose
+   interval must exclude "no change" (Bonferroni over the candidates tried), and for a shortcut
+   the label judged on the images without the artefact.
+3. What else did it break? Per-label AUROC of the other labels may not fall by more than the
+   policy allows, their pooled AUROC change must be non-inferior within that tolerance, and the
+   treatment may not raise new actionable issues on other labels.
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ import numpy as np
 
 from engine.core.errors import InterventionError
 from engine.core.facts import IssueFact
-from interventions.attribution import evidence_members, head_logits, truth_index
+from engine.triage.acceptance import (
+    PairedView,
+    clean_image_checks,
+    cluster_check,
+    improvement_check,
+    noninferiority_check,
+    operating_point_checks,
+    target_moved,
+)
+from engine.triage.acceptance import check as _check
+from interventions.attribution import head_logits, truth_index
 from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet, extract_features
@@ -62,7 +77,8 @@ class Acceptance:
 
     #: Largest allowed AUROC *drop* on any label other than the treated one.
     max_other_auroc_change: float = 0.02
-    #: Most true positives the treated label may lose (treatments of false positives only).
+    #: Most true positives the treated label may lose on the verify split (every treatment that moves
+    #: its operating point).
     max_tp_lost: int = 0
     #: When the issue is still detected: least relative improvement of its distance from reference
     #: that still counts (None: the issue must be gone).
@@ -72,6 +88,15 @@ class Acceptance:
     #: FP-cluster treatments: least share of the cluster's false positives present on the verify
     #: split that must no longer be predicted positive (None: not checked).
     min_fp_removed_share: float | None = 0.5
+    #: Confidence of every interval; the k-th candidate's improvement is judged at 1 - (1 - c) / k.
+    confidence: float = 0.95
+    #: Paired-bootstrap resamples per interval.
+    bootstrap_resamples: int = 1000
+    #: The label's sensitivity target (``params.threshold.method: fixed_sensitivity``), None: none.
+    sensitivity_target: float | None = None
+    #: Positives a statistic over positives needs for a bootstrap interval (the policy's
+    #: ``monitors.min_comparison_positives``, the monitors' floor for the same comparisons).
+    min_positives: int = 10
 
 
 @dataclass(frozen=True)
@@ -197,43 +222,6 @@ def _blocks(cannot: IssueFact, fact: IssueFact) -> bool:
     return isinstance(criteria, list) and any(f"{fact.kind}.{c}" in skipped for c in criteria)
 
 
-def _cluster_check(fact: IssueFact, before_bundle: Bundle, after_bundle: Bundle, before: FeatureSet,
-                   after: FeatureSet, min_share: float) -> dict[str, Any]:
-    """Share of the FP cluster's members on the verify split that the treatment turned negative.
-
-    The monitor named the cluster's images on the audited data (``evidence.member_ids``); those on
-    the verify split were never seen by the treatment. Re-detecting the cluster on the verify half
-    alone is no substitute: with few true positives there the monitor may not assess it at all.
-    """
-    members = evidence_members(fact.evidence)
-    label = fact.label or ""
-    k_b = before_bundle.labels.index(label)
-    k_a = after_bundle.labels.index(label)
-    rows = [i for i, n in enumerate(before.image_names) if n in members]
-    if label in CHEXNET_LABELS:  # only the members that are true negatives can be false positives
-        truth = truth_index(label)
-        rows = [i for i in rows if before.labels[i, truth] == 0]
-    if not rows:
-        return _check("cluster_fps_removed", None, min_share, True,
-                      f"{label}: none of the cluster's listed members is on the verify split")
-    idx = np.asarray(rows)
-    fp_before = np.asarray(before.probs)[idx, k_b] >= before_bundle.meta.thresholds[k_b]
-    fp_after = np.asarray(after.probs)[idx, k_a] >= after_bundle.meta.thresholds[k_a]
-    n_before = int(fp_before.sum())
-    if n_before == 0:
-        return _check("cluster_fps_removed", None, min_share, True,
-                      f"{label}: the cluster's members on the verify split are not false positives here")
-    removed = int((fp_before & ~fp_after).sum())
-    share = removed / n_before
-    return _check("cluster_fps_removed", round(share, 6), min_share, share >= min_share,
-                  f"{label}: {removed} of the cluster's {n_before} false positives on the verify split are no longer "
-                  f"predicted positive ({share:.0%}; at least {min_share:.0%} required)")
-
-
-def _check(name: str, value: Any, limit: Any, passed: bool, detail: str) -> dict[str, Any]:
-    return {"name": name, "value": value, "limit": limit, "passed": bool(passed), "detail": detail}
-
-
 def verify_treatment(
     *,
     fact: IssueFact,
@@ -247,11 +235,15 @@ def verify_treatment(
     parent: Bundle | None = None,
     parent_data: FeatureSet | None = None,
     facts_before: list[IssueFact] | None = None,
+    seed: int = 0,
+    candidate_k: int = 1,
 ) -> VerifyResult:
     """Judge ``after_bundle`` against ``before_bundle`` on the verify split (``before``/``after`` rows).
 
     ``facts_before`` (all monitors on the verify split under the current model) may be passed in
-    when the caller already has them; it is the baseline for "new issues".
+    when the caller already has them; it is the baseline for "new issues". ``seed`` (the run's) and
+    the fact id seed the intervals; ``candidate_k`` counts the candidates verified for the issue so
+    far, this one included (its improvement is judged at the Bonferroni level).
     """
     if facts_before is None:
         facts_before = monitor_fn(before_bundle, before, parent, parent_data)
@@ -261,16 +253,23 @@ def verify_treatment(
     same_before = [f for f in facts_before if fact_key(f) == key]
     same_after = [f for f in facts_after if fact_key(f) == key]
 
-    # (a) the issue itself
-    checks = [_issue_check(fact, facts_after, same_before, same_after, acceptance)]
-    # (b) collateral damage
+    view = PairedView(before_bundle, after_bundle, before, after, seed)
+    # (a) the issue itself, and whether its improvement is beyond noise
+    checks = [_issue_check(fact, facts_after, same_before, same_after, acceptance),
+              improvement_check(fact, view, acceptance, candidate_k)]
+    # (b) the target label's own operating point
+    if fact.label is not None and (target_moved(view, fact.label) or fact.kind == "fp_cluster"
+                                   or intervention == "zeroing"):
+        checks += operating_point_checks(view, fact.label, acceptance)
+    if fact.kind == "fp_cluster" and fact.label is not None:
+        if acceptance.min_fp_removed_share is not None:
+            checks.append(cluster_check(fact, view, acceptance.min_fp_removed_share))
+        checks += clean_image_checks(fact, view, acceptance)
+    # (c) collateral damage
     m_before = split_metrics(before_bundle, before)
     m_after = split_metrics(after_bundle, after)
     checks.append(_other_labels_check(fact, m_before, m_after, acceptance))
-    if fact.label is not None and fact.label in m_before and (fact.kind == "fp_cluster" or intervention == "zeroing"):
-        checks.append(_tp_lost_check(fact.label, m_before, m_after, acceptance))
-    if fact.kind == "fp_cluster" and fact.label is not None and acceptance.min_fp_removed_share is not None:
-        checks.append(_cluster_check(fact, before_bundle, after_bundle, before, after, acceptance.min_fp_removed_share))
+    checks.append(noninferiority_check(fact, view, acceptance))
     checks.append(_new_issues_check(key, facts_before, facts_after, acceptance))
 
     return VerifyResult(
@@ -351,14 +350,6 @@ def _other_labels_check(fact: IssueFact, m_before: dict[str, dict[str, Any]], m_
         worst_drop <= acceptance.max_other_auroc_change + 1e-12,
         f"largest AUROC drop on another label: {worst_label} {m_before[worst_label]['auroc']:.4f} -> "
         f"{m_after[worst_label]['auroc']:.4f}")
-
-
-def _tp_lost_check(label: str, m_before: dict[str, dict[str, Any]], m_after: dict[str, dict[str, Any]],
-                   acceptance: Acceptance) -> dict[str, Any]:
-    """True positives the treated label lost (treatments of false positives)."""
-    lost = int(m_before[label]["tp"]) - int(m_after[label]["tp"])
-    return _check("tp_lost", lost, acceptance.max_tp_lost, lost <= acceptance.max_tp_lost,
-                  f"{label}: true positives {m_before[label]['tp']} -> {m_after[label]['tp']} on the verify split")
 
 
 def _new_issues_check(key: tuple[str, str, str], facts_before: list[IssueFact], facts_after: list[IssueFact],

@@ -212,13 +212,19 @@ class AcceptanceConfig(_Strict):
     #: None: the issue must be gone. Otherwise the least relative improvement of its distance from
     #: the reference that still counts as treated.
     min_improvement: float | None = Field(None, gt=0, le=1)
-    #: Most true positives the treated label may lose (treatments of false positives).
+    #: Most true positives the treated label may lose on the verify split (every treatment that moves
+    #: its operating point: a new threshold, new logits).
     max_tp_lost: int = Field(0, ge=0)
     #: New actionable issues on other labels a treatment may introduce.
     max_new_issues: int = Field(0, ge=0)
     #: FP-cluster treatments: least share of the cluster's false positives on the verify split that
     #: must turn negative (null: not checked).
     min_fp_removed_share: float | None = Field(0.5, gt=0, le=1)
+    #: Confidence of the verify-split intervals (target sensitivity, improvement, non-inferiority);
+    #: the k-th candidate tried for an issue has its improvement judged at 1 - (1 - confidence) / k.
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    #: Paired-bootstrap resamples per interval (seeded from the run seed and the fact id).
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
 
 
 class ThresholdConditions(_Strict):
