@@ -240,3 +240,19 @@ def test_a_cluster_without_verify_members_cannot_show_its_improvement() -> None:
     assert not checks["improvement_significant"]["passed"]  # ... so the gain cannot be shown: a human decides
     assert "none of the cluster's listed members" in checks["improvement_significant"]["reason"]
 
+
+
+def test_a_symptom_of_a_shortcut_is_judged_on_the_clean_images_too() -> None:
+    """The shortcut's calibration-drift symptom on the same label: treating it must not learn the artefact in
+    reverse either (the cluster fact of the run is passed in; without it there is no clean-image check)."""
+    before, members, cluster = _shortcut_split()
+    y = before.labels[:, K] == 1
+    reverse_col = before.logits[:, K].copy()
+    reverse_col[cluster] -= 4.5
+    reverse_col[np.setdiff1d(np.flatnonzero(~y), cluster)] += 3.5
+    drift = _fact("calibration_drift")
+    cluster_fact = _fact("fp_cluster", evidence={"member_ids": members})
+    without = _verify(drift, before, _with(before, reverse_col), Acceptance())
+    assert "clean_target_specificity" not in without
+    judged = _verify(drift, before, _with(before, reverse_col), Acceptance(), cluster=cluster_fact)
+    assert not judged["clean_target_specificity"]["passed"] and judged["clean_target_specificity"]["value"] < -0.5

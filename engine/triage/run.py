@@ -274,6 +274,7 @@ def _monitor(run: TriageRun) -> list[IssueFact]:
     with run.log.timed("monitor"):
         run.stages.tick("monitor", 0, 1)
         facts = sort_facts(run.monitor_fn(run.bundle, run.data, run.parent, run.parent_data))
+        run.facts = facts
         run.stages.tick("monitor", 1, 1)
     # the rules' context goes into the record too, so `policy replay` can re-decide from it alone
     run.log("facts", {"facts": [fact_json(f) for f in facts], "split": run.split_info, "context": run.context})

@@ -161,6 +161,9 @@ class TriageRun:
     current: CurrentModel
     #: The current model's monitor view of the verify split, per accepted model version.
     verify_cache: dict[int, tuple[FeatureSet, list[IssueFact]]] = field(default_factory=dict)
+    #: The facts the run's monitors raised on the whole set (set once monitored): a treatment of a
+    #: label whose false positives cluster is judged on the images outside the cluster too.
+    facts: list[IssueFact] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:

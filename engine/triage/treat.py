@@ -211,7 +211,7 @@ def _verify(run: TriageRun, esc: _Escalation, record: dict[str, Any], name: str,
     vr = verify_treatment(fact=fact, intervention=name, before_bundle=run.current.bundle, after_bundle=result.bundle,
                           before=v_before, after=v_after, monitor_fn=run.monitor_fn, acceptance=acceptance,
                           parent=run.parent, parent_data=run.parent_verify, facts_before=facts_before,
-                          seed=run.seed, candidate_k=esc.verified)
+                          seed=run.seed, candidate_k=esc.verified, cluster=_cluster_of(run, fact))
     verify_wall = time.perf_counter() - t
     scores = _write_scores(run.out_dir, fact.fact_id, esc.attempt_no, v_before, v_after, result.bundle.labels)
     record["verify"] = to_jsonable({**vr.to_dict(), "scores": scores})
@@ -221,6 +221,13 @@ def _verify(run: TriageRun, esc: _Escalation, record: dict[str, Any], name: str,
                              "acceptance": acceptance, "scores": scores, "wall_time_s": verify_wall,
                              "model_hash_candidate": candidate_hash})
     return vr
+
+
+def _cluster_of(run: TriageRun, fact: IssueFact) -> IssueFact | None:
+    """The run's FP-cluster fact on ``fact``'s label, when ``fact`` is another kind (a shortcut's symptom)."""
+    if fact.kind == "fp_cluster" or fact.label is None:
+        return None
+    return next((f for f in run.facts if f.kind == "fp_cluster" and f.label == fact.label), None)
 
 
 def _treatment_entry(run: TriageRun, esc: _Escalation) -> dict[str, Any]:

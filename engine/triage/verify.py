@@ -237,11 +237,14 @@ def verify_treatment(
     facts_before: list[IssueFact] | None = None,
     seed: int = 0,
     candidate_k: int = 1,
+    cluster: IssueFact | None = None,
 ) -> VerifyResult:
     """Judge ``after_bundle`` against ``before_bundle`` on the verify split (``before``/``after`` rows).
 
     ``facts_before`` (all monitors on the verify split under the current model) may be passed in
-    when the caller already has them; it is the baseline for "new issues". ``seed`` (the run's) and
+    when the caller already has them; it is the baseline for "new issues". ``cluster`` is an FP-cluster
+    fact on the same label (a shortcut whose symptom ``fact`` is): the treatment is then judged on the
+    images outside the cluster as well. ``seed`` (the run's) and
     the fact id seed the intervals; ``candidate_k`` counts the candidates verified for the issue so
     far, this one included (its improvement is judged at the Bonferroni level).
     """
@@ -265,6 +268,8 @@ def verify_treatment(
         if acceptance.min_fp_removed_share is not None:
             checks.append(cluster_check(fact, view, acceptance.min_fp_removed_share))
         checks += clean_image_checks(fact, view, acceptance)
+    elif cluster is not None:  # a symptom of a shortcut: its treatment must not learn the artefact either
+        checks += clean_image_checks(cluster, view, acceptance)
     # (c) collateral damage
     m_before = split_metrics(before_bundle, before)
     m_after = split_metrics(after_bundle, after)
