@@ -105,8 +105,9 @@ def nih_models(nih: Path, work: Path, epochs: int, quick: bool) -> tuple[Path, P
 
 
 def backtest(name: str, model: Path, twin: Path, data: Path, faults: tuple[str, ...], seeds: int,
-             work: Path) -> dict:
-    scenarios = scenarios_from_flags(model, data, "test", list(faults), seeds, shortcut_model=twin)
+             work: Path, first_seed: int = 0) -> dict:
+    scenarios = scenarios_from_flags(model, data, "test", list(faults), seeds, shortcut_model=twin,
+                                     first_seed=first_seed)
     who = contenders([load_policy(p) for p in POLICIES], ["no_action", "always_threshold", "always_retrain"])
     out = work / f"bt_{name}"
     t = time.perf_counter()
@@ -133,6 +134,9 @@ def main() -> None:
     ap.add_argument("--demo-out", type=Path, default=None,
                     help="a `cli.py demo` output folder (default: demo_out; with --quick WORK/demo_quick)")
     ap.add_argument("--work", type=Path, default=REPO / ".bench_work" / "backtest")
+    ap.add_argument("--first-seed", type=int, default=0, help="first scenario seed (split a long run over processes)")
+    ap.add_argument("--before", type=Path, metavar="JSON",
+                    help="an earlier run's JSON (e.g. before a change of the acceptance rules) to show beside this one")
     ap.add_argument("--quick", action="store_true", help="smoke test: quick demo, tiny NIH models, 1 seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "backtest.json")
@@ -145,11 +149,14 @@ def main() -> None:
     if "phantom" in args.datasets:
         m, twin, data = phantom_models(args.demo_out, args.quick)
         rows.append(backtest("phantom", m, twin, data, PHANTOM_FAULTS, 1 if args.quick else args.seeds_phantom,
-                             args.work))
+                             args.work, args.first_seed))
     if "nih" in args.datasets and args.nih.is_dir():
         m, twin, data = nih_models(args.nih, args.work, 1 if args.quick else args.nih_epochs, args.quick)
-        rows.append(backtest("nih", m, twin, data, NIH_FAULTS, 1 if args.quick else args.seeds_nih, args.work))
+        rows.append(backtest("nih", m, twin, data, NIH_FAULTS, 1 if args.quick else args.seeds_nih, args.work,
+                             args.first_seed))
+    before = json.loads(args.before.read_text()) if args.before else None
     atomic_write_json(args.json, {"bench": "backtest", "threads": args.threads, "rows": rows,
+                                  "before": before.get("rows") if isinstance(before, dict) else None,
                                   "settings": {k: str(v) for k, v in vars(args).items()}})
     for r in rows:
         print(json.dumps({"dataset": r["dataset"], "targets": r["targets"]}, indent=1))

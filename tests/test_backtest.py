@@ -114,12 +114,16 @@ def test_an_unchanged_model_is_neither_healed_nor_harmed(world) -> None:
 
 @pytest.fixture(scope="module")
 def backtest_run(world):
-    """The drifted model backtested on clean controls and a label-noise fault: default policy, a policy that
-    needs approval for everything, and the three baselines."""
+    """The drifted model backtested on clean controls and a label-noise fault: a lenient site policy, the same
+    needing approval for everything, and the three baselines."""
     tmp, data, _, _, _ = world
-    manual = yaml.safe_load(DEFAULT.read_text())
-    manual.update(name="manual", approval={"auto_max_cost": 0})  # every treatment waits for a human
-    policies = [load_policy(DEFAULT), policy_from_dict(manual, "manual.yaml")]
+    # The planted +2.5 drift flags almost every image, so its fix gives true positives back: a site
+    # policy that allows it (the shipped default's max_tp_lost 0 refuses the fix, see test_acceptance).
+    lenient = yaml.safe_load(DEFAULT.read_text())
+    lenient["name"] = "lenient"
+    lenient["acceptance"]["max_tp_lost"] = 1000
+    manual = {**lenient, "name": "manual", "approval": {"auto_max_cost": 0}}  # every treatment waits for a human
+    policies = [policy_from_dict(lenient, "lenient.yaml"), policy_from_dict(manual, "manual.yaml")]
     scenarios = scenarios_from_flags(tmp / "drifted.safetensors", data, "all", ["label_noise:0.05"], 1)
     who = contenders(policies, ["no_action", "always_threshold", "always_retrain"])
     out = tmp / "bt"
@@ -145,12 +149,12 @@ def test_backtest_runs_every_contender_and_writes_its_report(backtest_run) -> No
 
 
 def test_the_drifted_model_is_treated_even_on_a_clean_control(backtest_run) -> None:
-    """The planted model drift is real on clean data too: the default policy fixes it (a change on a
+    """The planted model drift is real on clean data too: the policy fixes it (a change on a
     clean control counts as a treatment there, which is why clean controls use an unbroken model in the bench)."""
     _, _, _, results = backtest_run
-    (clean,) = _by(results, "default", "clean")
+    (clean,) = _by(results, "lenient", "clean")
     assert clean["changed"] and any(t["label"] == "Effusion" and t["outcome"] == "treated" for t in clean["treatments"])
-    assert summarize(results)["by_fault"]["clean"]["default"]["false_treatment"]["k"] == 1
+    assert summarize(results)["by_fault"]["clean"]["lenient"]["false_treatment"]["k"] == 1
 
 
 def test_an_escalation_is_reported_and_rerun_approved(backtest_run) -> None:
