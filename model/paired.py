@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm, rankdata
+from scipy.stats import norm
+
+from model.metrics import auroc_rows
 
 __all__ = [
     "DEFAULT_BOOT",
@@ -95,17 +97,6 @@ def bootstrap_indices(n: int, n_boot: int, seed: int | Sequence[int]) -> np.ndar
     return rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), dtype=np.int64)
 
 
-def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """AUROC of each row (ties half); NaN where a resample has one class."""
-    ranks = rankdata(s, axis=-1)
-    n_pos = y.sum(axis=-1).astype(np.float64)
-    n_neg = y.shape[-1] - n_pos
-    with np.errstate(invalid="ignore", divide="ignore"):
-        u = (ranks * y).sum(axis=-1) - n_pos * (n_pos + 1) / 2.0
-        out = u / (n_pos * n_neg)
-    return np.where((n_pos > 0) & (n_neg > 0), out, np.nan)
-
-
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float] | None:
     values = values[np.isfinite(values)]
     if len(values) == 0:
@@ -122,12 +113,12 @@ def paired_auroc_delta(y: np.ndarray, before: np.ndarray, after: np.ndarray, *, 
     n, n_pos = len(y), int(y.sum())
     if n_pos == 0 or n_pos == n:
         return _unestimable(level, n, "paired_bootstrap", "one class only" if n else "no images")
-    point = float(_auroc_rows(y[None], after[None])[0] - _auroc_rows(y[None], before[None])[0])
+    point = float(auroc_rows(y[None], after[None])[0] - auroc_rows(y[None], before[None])[0])
     if np.array_equal(before, after):
         return Interval(0.0, 0.0, 0.0, level, n, "paired_bootstrap")
     idx = bootstrap_indices(n, n_boot, seed)
     yb = y[idx]
-    deltas = _auroc_rows(yb, after[idx]) - _auroc_rows(yb, before[idx])
+    deltas = auroc_rows(yb, after[idx]) - auroc_rows(yb, before[idx])
     bounds = _percentiles(deltas, level)
     if bounds is None:
         return _unestimable(level, n, "paired_bootstrap", "every resample had one class")
@@ -148,12 +139,12 @@ def paired_mean_auroc_delta(y: np.ndarray, before: np.ndarray, after: np.ndarray
     if not keep:
         return _unestimable(level, n, "paired_bootstrap_mean", "no label has both classes")
     y, before, after = y[:, keep], before[:, keep], after[:, keep]
-    point = float(np.mean([_auroc_rows(y[None, :, k], after[None, :, k])[0]
-                           - _auroc_rows(y[None, :, k], before[None, :, k])[0] for k in range(len(keep))]))
+    point = float(np.mean([auroc_rows(y[None, :, k], after[None, :, k])[0]
+                           - auroc_rows(y[None, :, k], before[None, :, k])[0] for k in range(len(keep))]))
     if np.array_equal(before, after):
         return Interval(0.0, 0.0, 0.0, level, n, "paired_bootstrap_mean")
     idx = bootstrap_indices(n, n_boot, seed)
-    per_label = np.stack([_auroc_rows(y[idx, k], after[idx, k]) - _auroc_rows(y[idx, k], before[idx, k])
+    per_label = np.stack([auroc_rows(y[idx, k], after[idx, k]) - auroc_rows(y[idx, k], before[idx, k])
                           for k in range(len(keep))], axis=1)
     with np.errstate(invalid="ignore"):
         means = np.nanmean(np.where(np.isfinite(per_label), per_label, np.nan), axis=1) \

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -76,6 +75,34 @@ def write_pattern_dataset(root: Path, n: int = 240, size: int = 32, seed: int = 
         lines.append(f"{name},{'|'.join(pos) or 'No Finding'},{i % 2},{i // 2 + 1},50,M,PA,{size},{size},0.1,0.1")
     (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def pattern_bundle(dataset):
+    """A tiny DenseNet whose head is ridge-fitted to the three learnable patterns of ``write_pattern_dataset``,
+    with its reference metrics measured on ``dataset``: a working model in a second, for triage tests."""
+    from model.bundle import new_bundle
+    from model.features import extract_features
+    from model.nets import arch_config, build_model
+    from model.train import reference_from_holdout
+
+    torch.manual_seed(0)
+    cfg = arch_config("tiny")
+    bundle = new_bundle(build_model("densenet", cfg), config=cfg, input_size=32)
+    bundle.model.eval()
+    fs = extract_features(bundle, dataset, use_cache=False)
+    x = fs.features.astype(np.float64)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = np.c_[(x - mu) / sd, np.ones(len(x))]
+    weight, bias = np.zeros((14, x.shape[1])), np.full(14, -4.0)
+    for name in PATTERN_LABELS:
+        k = CHEXNET_LABELS.index(name)
+        coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ (4.0 * fs.labels[:, k] - 2.0))
+        weight[k], bias[k] = coef[:-1] / sd, coef[-1] - (coef[:-1] * mu / sd).sum()
+    with torch.no_grad():
+        bundle.model.classifier.weight.copy_(torch.from_numpy(weight).float())
+        bundle.model.classifier.bias.copy_(torch.from_numpy(bias).float())
+    fs = extract_features(bundle, dataset, use_cache=False)
+    return reference_from_holdout(bundle, fs.labels, fs.logits)
 
 
 def random_rows(n: int, seed: int = 0, n_patients: int | None = None) -> list[tuple[str, str, int]]:

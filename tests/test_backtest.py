@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PATTERN_LABELS, write_pattern_dataset
+from conftest import pattern_bundle, write_pattern_dataset
 
 from engine.backtest import (
     build_document,
@@ -27,12 +26,9 @@ from engine.backtest.judge import holdout_views, judge
 from engine.backtest.scenarios import load_scenarios
 from engine.backtest.summary import summarize
 from engine.core.errors import DataError
-from model.bundle import new_bundle, save_bundle
+from model.bundle import save_bundle
 from model.data import load_nih_dataset
-from model.features import extract_features
 from model.labels import CHEXNET_LABELS
-from model.nets import arch_config, build_model
-from model.train import reference_from_holdout
 from rules.policy import load_policy, policy_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,34 +36,12 @@ DEFAULT = ROOT / "policies" / "default.yaml"
 K = CHEXNET_LABELS.index("Effusion")
 
 
-def _fitted_bundle(dataset):
-    """A tiny DenseNet whose head is ridge-fitted to the three learnable patterns, with its reference."""
-    torch.manual_seed(0)
-    cfg = arch_config("tiny")
-    bundle = new_bundle(build_model("densenet", cfg), config=cfg, input_size=32)
-    bundle.model.eval()
-    fs = extract_features(bundle, dataset, use_cache=False)
-    x = fs.features.astype(np.float64)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = np.c_[(x - mu) / sd, np.ones(len(x))]
-    weight, bias = np.zeros((14, x.shape[1])), np.full(14, -4.0)
-    for name in PATTERN_LABELS:
-        k = CHEXNET_LABELS.index(name)
-        coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ (4.0 * fs.labels[:, k] - 2.0))
-        weight[k], bias[k] = coef[:-1] / sd, coef[-1] - (coef[:-1] * mu / sd).sum()
-    with torch.no_grad():
-        bundle.model.classifier.weight.copy_(torch.from_numpy(weight).float())
-        bundle.model.classifier.bias.copy_(torch.from_numpy(bias).float())
-    fs = extract_features(bundle, dataset, use_cache=False)
-    return reference_from_holdout(bundle, fs.labels, fs.logits)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("backtest")
     data = write_pattern_dataset(tmp / "ds", n=320)
     dataset = load_nih_dataset(data)
-    good = _fitted_bundle(dataset)
+    good = pattern_bundle(dataset)
     save_bundle(good, tmp / "good.safetensors")
     drifted = good.copy()
     with torch.no_grad():

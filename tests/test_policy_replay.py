@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import PATTERN_LABELS, pattern_bundle, write_pattern_dataset
 
 from cli import main
 from engine.audit import AuditStore
@@ -20,15 +20,9 @@ from engine.core.facts import IssueFact
 from engine.replay import ReplayError, replay_audit
 from engine.triage import run_triage
 from engine.triage.decision import fact_json
-from model.bundle import new_bundle
 from model.data import load_nih_dataset
-from model.features import extract_features
 from model.labels import CHEXNET_LABELS
-from model.nets import arch_config, build_model
-from model.train import reference_from_holdout
 from rules.policy import load_policy
-
-from conftest import PATTERN_LABELS, write_pattern_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "policies" / "default.yaml"
@@ -38,25 +32,8 @@ K = CHEXNET_LABELS.index("Effusion")
 
 
 def _drifted_bundle(dataset):
-    """A tiny DenseNet with a ridge-fitted head and its reference, then Effusion's logits shifted by +2.5."""
-    torch.manual_seed(0)
-    cfg = arch_config("tiny")
-    bundle = new_bundle(build_model("densenet", cfg), config=cfg, input_size=32)
-    bundle.model.eval()
-    fs = extract_features(bundle, dataset, use_cache=False)
-    x = fs.features.astype(np.float64)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = np.c_[(x - mu) / sd, np.ones(len(x))]
-    weight, bias = np.zeros((14, x.shape[1])), np.full(14, -4.0)
-    for name in LABELS:
-        k = CHEXNET_LABELS.index(name)
-        coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ (4.0 * fs.labels[:, k] - 2.0))
-        weight[k], bias[k] = coef[:-1] / sd, coef[-1] - (coef[:-1] * mu / sd).sum()
-    with torch.no_grad():
-        bundle.model.classifier.weight.copy_(torch.from_numpy(weight).float())
-        bundle.model.classifier.bias.copy_(torch.from_numpy(bias).float())
-    fs = extract_features(bundle, dataset, use_cache=False)
-    drifted = reference_from_holdout(bundle, fs.labels, fs.logits).copy()
+    """The pattern model (tests/conftest.py) with Effusion's logits shifted by +2.5."""
+    drifted = pattern_bundle(dataset).copy()
     with torch.no_grad():
         drifted.model.classifier.bias[K] += 2.5
     return drifted
