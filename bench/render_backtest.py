@@ -54,12 +54,37 @@ def _dataset(row: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _short(r: Any) -> str:
+    return DASH if not isinstance(r, dict) or not r.get("n") else f"{r.get('k')}/{r.get('n')}"
+
+
+def _before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Heal and harm per fault kind and policy, before and after a change (the seeds both runs share differ
+    in number: the rates, not the counts, compare)."""
+    sb, sa = before.get("summary") or {}, after.get("summary") or {}
+    policies = [t.get("policy") for t in after.get("targets") or []]
+    lines = [f"**{after.get('dataset', DASH)}: before → after** (before: {before.get('n_scenarios', DASH)} scenarios, "
+             f"{before.get('seeds', DASH)} seed(s))", "",
+             "| fault | policy | healed before | healed after | harmed before | harmed after | escalated before | escalated after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind in sa.get("fault_kinds", []):
+        for p in policies:
+            b = (sb.get("by_fault") or {}).get(kind, {}).get(p, {})
+            a = (sa.get("by_fault") or {}).get(kind, {}).get(p, {})
+            _row(lines, [kind, str(p), _short(b.get("healed")), _short(a.get("healed")), _short(b.get("harmed")),
+                         _short(a.get("harmed")), _short(b.get("escalated")), _short(a.get("escalated"))])
+    return lines
+
+
 def section_backtest(data: dict[str, Any]) -> list[str]:
     rows = data.get("rows") if isinstance(data.get("rows"), list) else []
     if not rows:
         return [DASH]
+    before = {r.get("dataset"): r for r in data.get("before") or [] if isinstance(r, dict)}
     lines: list[str] = []
     for row in rows:
         if isinstance(row, dict):
             lines += _dataset(row) + [""]
+            if row.get("dataset") in before:
+                lines += _before_after(before[row["dataset"]], row) + [""]
     return lines[:-1]

@@ -41,6 +41,9 @@ def _group(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mean_cost": round(statistics.fmean(r["cost"] for r in results), 6) if results else None,
         "median_wall_time_s": statistics.median(r["wall_time_s"] for r in results) if results else None,
     }
+    shares = [r["healed_share"] for r in faults if r.get("healed_share") is not None]
+    # Partial heals (some of the fault's facts gone): the mean share gone, over runs where any fired.
+    row["mean_healed_share"] = round(statistics.fmean(shares), 6) if shares else None
     heal = row["healed"]["rate"] if row["healed"] else None
     row["heal_minus_harm"] = None if heal is None else round(heal - row["harmed"]["rate"], 6)
     return row

@@ -64,15 +64,17 @@ def rates_figure(summary: dict[str, Any], metric: str) -> str:
 
 def _rates_table(summary: dict[str, Any]) -> str:
     head = ("<tr><th class='l'>fault</th><th class='l'>contender</th><th>n</th><th>detected</th><th>changed</th>"
-            "<th>escalated</th><th>healed</th><th>harmed</th><th>false treatment</th><th>heal - harm</th>"
+            "<th>escalated</th><th>healed</th><th>share of the fault's facts gone</th><th>harmed</th><th>false treatment</th>"
+            "<th>heal - harm</th>"
             "<th>mean cost</th><th>median wall s</th></tr>")
     rows = []
     for k in summary["fault_kinds"]:
         for c in summary["contenders"]:
             r = summary["by_fault"][k][c]
             rows.append(f"<tr><td class='l'>{esc(k)}</td><td class='l'>{esc(c)}</td><td>{r['n']}</td>"
-                        + "".join(f"<td>{_rate_text(r.get(m))}</td>" for m in
-                                  ("detected", "changed", "escalated", "healed", "harmed", "false_treatment"))
+                        + "".join(f"<td>{_rate_text(r.get(m))}</td>" for m in ("detected", "changed", "escalated", "healed"))
+                        + f"<td>{num(r.get('mean_healed_share'), '.0%')}</td>"
+                        + "".join(f"<td>{_rate_text(r.get(m))}</td>" for m in ("harmed", "false_treatment"))
                         + f"<td>{num(r['heal_minus_harm'], '+.2f')}</td><td>{num(r['mean_cost'], '.2f')}</td>"
                         f"<td>{num(r['median_wall_time_s'], '.1f')}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
