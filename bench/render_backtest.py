@@ -63,8 +63,8 @@ def _before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     in number: the rates, not the counts, compare)."""
     sb, sa = before.get("summary") or {}, after.get("summary") or {}
     policies = [t.get("policy") for t in after.get("targets") or []]
-    lines = [f"**{after.get('dataset', DASH)}: before → after** (before: {before.get('n_scenarios', DASH)} scenarios, "
-             f"{before.get('seeds', DASH)} seed(s))", "",
+    lines = [(f"**{after.get('dataset', DASH)}: before → after** (before: {before.get('n_scenarios', DASH)} scenarios, "
+             f"{before.get('seeds', DASH)} seed(s))"), "",
              "| fault | policy | healed before | healed after | harmed before | harmed after | escalated before | escalated after |",
              "|---|---|---|---|---|---|---|---|"]
     for kind in sa.get("fault_kinds", []):
