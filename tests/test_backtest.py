@@ -135,6 +135,7 @@ def test_an_escalation_is_reported_and_rerun_approved(backtest_run) -> None:
     _, _, _, results = backtest_run
     (manual,) = _by(results, "manual", "clean")
     assert manual["escalated"] and not manual["changed"] and manual["waits_for"]
+    assert manual["status"] == "escalated" and _by(results, "lenient", "clean")[0]["status"] == "accepted"
     approved = manual["approved"]
     assert approved["approve"] == manual["waits_for"] and approved["changed"]
     assert summarize(results)["approved"]["clean"]["manual"]["changed"]["k"] == 1

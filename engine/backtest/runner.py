@@ -156,7 +156,12 @@ def _run_one(st: _ScenarioState, who: Contender, out: Path, store: AuditStore | 
             result["approved"] = _triage_and_judge(st, who, out, store, result["waits_for"], n_boot)
     return {"scenario": {**st.scenario.to_dict(), "key": st.key, "fault_kind": fault_kind(st.scenario.fault)},
             "contender": who.name, "baseline": who.baseline, "policy": who.policy.name,
-            "policy_hash": who.policy.content_hash, **result}
+            "policy_hash": who.policy.content_hash, "status": status_of(result), **result}
+
+
+def status_of(result: dict[str, Any]) -> str:
+    """``accepted`` (the model changed), ``escalated`` (unchanged, a human is needed) or ``none``."""
+    return "accepted" if result["changed"] else "escalated" if result["escalated"] else "none"
 
 
 def run_backtest(scenarios: Sequence[Scenario], who: Sequence[Contender], out: Path, *,

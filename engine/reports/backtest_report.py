@@ -117,7 +117,7 @@ def _scenario_rows(results: list[dict[str, Any]]) -> str:
                           f"{', HARMED' if approved['harmed'] else ''}")
         rows.append(
             f"<tr><td class='l'>{esc(r['scenario']['name'])}</td><td class='l'>{esc(r['contender'])}</td>"
-            f"<td>{'yes' if r['detected'] else 'no'}</td><td class='l'>{esc(r['outcome'])}</td>"
+            f"<td>{'yes' if r['detected'] else 'no'}</td><td class='l'>{esc(r.get('status', ''))}: {esc(r['outcome'])}</td>"
             f"<td class='l'>{esc(treated)}</td><td>{'—' if r['healed'] is None else ('yes' if r['healed'] else 'no')}</td>"
             f"<td>{'yes' if r['harmed'] else 'no'}</td><td class='l'>{esc('; '.join(r['harm_reasons'])[:300])}</td>"
             f"<td class='l'>{after_approval}</td><td>{link}</td></tr>")
