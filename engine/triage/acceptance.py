@@ -36,7 +36,9 @@ seeded from the run seed and the fact id, so records stay byte-identical):
   outside the cluster stand in for "without it": there the target AUROC change may not be
   significantly below -``max_other_auroc_change`` (``clean_target_auroc``) and specificity at the
   operating point may not fall significantly (``clean_target_specificity``: the paired change's
-  upper bound < 0 fails), so a head that learned the artefact in reverse is rejected.
+  upper bound < 0 fails), so a head that learned the artefact in reverse is rejected. A treatment
+  of the shortcut's symptoms (another kind on a label with an FP cluster) gets the same two checks
+  against that cluster (``verify_treatment(cluster=...)``).
 
 Harm checks use the policy's ``confidence`` as it is (a wider interval would let more harm through);
 only the improvement, where a wider interval is stricter, is corrected for the candidates tried.
