@@ -120,7 +120,11 @@ def backtest(name: str, model: Path, twin: Path, data: Path, faults: tuple[str, 
     write_document(out, doc)
     return {"dataset": name, "model": str(model), "shortcut_model": str(twin), "data": str(data),
             "faults": list(faults), "seeds": seeds, "n_scenarios": len(scenarios),
-            "wall_time_s": time.perf_counter() - t, "report": str(out / "backtest.html"),
+            "wall_time_s": time.perf_counter() - t,
+            # the verdicts' own wall times (a resumed run reuses them; this is what computing them took)
+            "compute_time_s": sum(r.get("wall_time_s", 0.0) + (r.get("approved") or {}).get("wall_time_s", 0.0)
+                                  for r in results),
+            "report": str(out / "backtest.html"),
             "summary": doc["summary"], "targets": doc["targets"]}
 
 

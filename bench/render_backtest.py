@@ -30,7 +30,7 @@ def _dataset(row: dict[str, Any]) -> list[str]:
     s = row.get("summary") if isinstance(row.get("summary"), dict) else {}
     lines = [(f"**{row.get('dataset', DASH)}** — {row.get('n_scenarios', DASH)} scenarios "
              f"({', '.join(row.get('faults') or [])}, clean controls; {row.get('seeds', DASH)} seed(s)); "
-             f"wall time {row.get('wall_time_s', 0) / 60:.0f} min."), ""]
+             f"compute time {(row.get('compute_time_s') or row.get('wall_time_s') or 0) / 60:.0f} min."), ""]
     lines += ["| fault | contender | n | healed | harmed | escalated | changed | heal − harm |",
               "|---|---|---|---|---|---|---|---|"]
     for kind in s.get("fault_kinds", []):
