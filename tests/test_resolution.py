@@ -30,14 +30,6 @@ from model.features import extract_features
 from model.nets import arch_config, tiny_densenet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def squares(width: int = 64, seed: int = 0) -> np.ndarray:
     """Grey squares on black: step edges in both directions, with room between them."""
     rng = np.random.default_rng(seed)
