@@ -30,7 +30,7 @@ from engine.backtest.parts import ScenarioParts, load_source, prepare_parts
 from engine.backtest.scenarios import Scenario, fault_kind, scenario_key
 from engine.core.errors import TriageError
 from engine.core.storage import atomic_write_json, canonical_json, sha256_bytes
-from engine.triage import TriageOutcome, run_triage
+from engine.triage import TriageOutcome, default_monitor_fn, run_triage
 from model.bundle import Bundle, load_bundle
 from model.features import extract_features
 from rules.policy import Policy
@@ -130,8 +130,6 @@ def _baseline_and_judge(st: _ScenarioState, who: Contender, n_boot: int) -> dict
     t = time.perf_counter()
     data = extract_features(st.bundle, st.parts.audit)
     res = run_baseline(who.baseline or "", st.bundle, data, st.parts.audit, who.policy, st.scenario.seed)
-    from engine.triage import default_monitor_fn
-
     facts = default_monitor_fn(who.policy)(st.bundle, data)
     views = holdout_views(res.bundle, st.bundle, st.before, st.parts.holdout, st.parts.holdout_clean)
     verdict = judge(before=st.bundle, after=res.bundle, fault_kind=fault_kind(st.scenario.fault),
