@@ -13,7 +13,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine.commands.main import build_parser, main  # noqa: E402
+from engine.core.errors import RulesEngineUnavailable  # noqa: E402
+
+try:
+    from engine.commands.main import build_parser, main  # noqa: E402
+except RulesEngineUnavailable as exc:  # durable-rules cannot load here: say how to rebuild it, no traceback
+    if __name__ != "__main__":
+        raise
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
 
 __all__ = ["build_parser", "main"]
 

@@ -35,13 +35,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from durable import engine as durable_engine
-
 from engine.core.facts import IssueFact
+from rules.durable_import import durable_modules
 from rules.policy.schema import NO_ACTION, Policy
 from rules.ruleset import build_ruleset, issue_record, ruleset_name
 
 __all__ = ["Candidate", "Decision", "RuleEngineError", "decide", "ESCALATE_RULE", "format_duration"]
+
+durable_engine = durable_modules()[1]  # see rules/durable_import.py
 
 #: ``rule`` of the no_action candidate recorded when nothing can treat a fact.
 ESCALATE_RULE = "escalate:no_candidate"

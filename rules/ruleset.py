@@ -32,9 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from durable.lang import m
-
 from engine.core.facts import IssueFact
+from rules.durable_import import durable_modules
 from rules.policy.schema import Policy
 
 __all__ = [
@@ -50,6 +49,8 @@ __all__ = [
 ]
 
 RULESET_PREFIX = "cxr_triage_policy_"
+
+m = durable_modules()[0].m  # durable-rules' message proxy (rules/durable_import.py explains the indirection)
 
 Expr = Callable[[], Any]  # builds a fresh durable expression (they are consumed by define())
 

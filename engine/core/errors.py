@@ -55,3 +55,7 @@ class AuditError(TriageError):
 
 class InterventionError(TriageError):
     """An intervention cannot be applied to this model or data."""
+
+
+class RulesEngineUnavailable(TriageError):
+    """The durable-rules engine cannot load on this interpreter; the message gives the rebuild command."""
