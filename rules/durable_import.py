@@ -25,8 +25,7 @@ REBUILD_COMMAND = ("CPPFLAGS=-DPyEval_CallObject=PyObject_CallObject pip install
 def durable_modules() -> tuple[ModuleType, ModuleType]:
     """``(durable.lang, durable.engine)``, or :class:`RulesEngineUnavailable` saying how to rebuild it."""
     try:
-        import durable.engine as engine
-        import durable.lang as lang
+        from durable import engine, lang
     except ImportError as exc:  # a third-party C extension: not one of the project's modules
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         hint = (f"rebuild it for this interpreter: {REBUILD_COMMAND}" if "PyEval_CallObject" in str(exc)
