@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
+from engine.core.errors import StorageError
 from engine.core.storage import atomic_write_bytes, sha256_bytes
 from model.bundle import Bundle, BundleMeta
 from model.data import NIHDataset, manifest_digest, read_images
@@ -145,5 +147,8 @@ def extract_features(
     features, logits = compute_features(bundle, images, batch_size=batch_size, progress=progress)
     if use_cache and not dataset.skipped:
         names = np.frombuffer(json.dumps(dataset.image_names).encode(), dtype=np.uint8)
-        atomic_write_bytes(path, save({"features": features, "logits": logits, "names_json": names}))
+        try:
+            atomic_write_bytes(path, save({"features": features, "logits": logits, "names_json": names}))
+        except StorageError as exc:  # a read-only or full cache folder: the run goes on without the cache
+            warnings.warn(f"feature cache not written, running without it: {exc}", RuntimeWarning, stacklevel=2)
     return _from_arrays(dataset, features, logits, wh)

@@ -31,6 +31,8 @@ EXIT_USAGE = 2
 EXIT_NEEDS_APPROVAL = 3
 #: Issues remain untreated: every candidate failed verification, none applies, or the budget ran out.
 EXIT_UNTREATED = 4
+#: Stopped by SIGTERM (128 + 15, as a shell reports it); the run is recorded as interrupted.
+EXIT_TERMINATED = 143
 
 
 class TriageError(Exception):
@@ -59,3 +61,11 @@ class InterventionError(TriageError):
 
 class RulesEngineUnavailable(TriageError):
     """The durable-rules engine cannot load on this interpreter; the message gives the rebuild command."""
+
+
+class StorageError(TriageError):
+    """A file could not be written (disk full, read-only folder); the previous file is intact."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. systemd's stop timeout) turned into an interruption, so runs close their records."""

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from engine.core.errors import StorageError
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
@@ -65,8 +67,11 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write ({exc.strerror or exc}); nothing was written") from None
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -74,11 +79,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):  # disk full, quota, I/O error: the old file was never touched
+            raise StorageError(f"{path}: cannot write ({exc.strerror or exc}); nothing was written and the previous "
+                               "file, if any, is intact") from None
         raise
     _fsync_dir(path.parent)
     return path

@@ -172,7 +172,9 @@ def run_triage(
                        manifest_hash=manifest_hash, skip_bad=skip_bad)
         result = _triage(run)
     except BaseException as exc:
-        log("run_finished", {"status": "error", "error": f"{type(exc).__name__}: {exc}",
+        # Ctrl-C or SIGTERM (engine.commands.dispatch turns it into Terminated): the run closes as interrupted
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+        log("run_finished", {"status": status, "error": f"{type(exc).__name__}: {exc}",
                              "wall_times_s": log.walls, "wall_time_s": time.perf_counter() - t_start})
         raise
     result.wall_time_s = time.perf_counter() - t_start
