@@ -8,6 +8,7 @@ in the cache folder (``$CXR_TRIAGE_CACHE`` or ``~/.cache/cxr-triage``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -113,6 +114,14 @@ def _cache_path(weights_hash: str, dataset: NIHDataset) -> Path:
     return cache_dir() / "features" / f"{weights_hash[:20]}_{key[:24]}.safetensors"
 
 
+def _digest(features: np.ndarray, logits: np.ndarray, names: np.ndarray) -> str:
+    """sha256 of a cache entry's arrays: safetensors has no checksum, and a flipped bit must not be served."""
+    h = hashlib.sha256()
+    for a in (features, logits, names):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def _from_arrays(dataset: NIHDataset, features: np.ndarray, logits: np.ndarray, wh: str) -> FeatureSet:
     return FeatureSet(tuple(dataset.image_names), dataset.patient_ids, dataset.labels,
                       features, logits, wh, dataset.manifest_hash())
@@ -137,18 +146,22 @@ def extract_features(
     if use_cache and path.is_file():
         try:
             arrays = load_file(str(path))
+            if bytes(arrays["sha256"]).decode() != _digest(arrays["features"], arrays["logits"], arrays["names_json"]):
+                raise ValueError("cache entry does not match its digest")
             names = json.loads(bytes(arrays["names_json"]).decode())
             row = {name: i for i, name in enumerate(names)}
             order = np.array([row[n] for n in dataset.image_names])
             return _from_arrays(dataset, arrays["features"][order], arrays["logits"][order], wh)
         except (SafetensorError, KeyError, ValueError, OSError):
-            pass  # a stale or damaged cache entry is recomputed and overwritten
+            pass  # a stale, damaged or altered cache entry is never trusted: recomputed and overwritten
     dataset, images = read_images(dataset, bundle.meta.input_size, skip_bad=skip_bad)
     features, logits = compute_features(bundle, images, batch_size=batch_size, progress=progress)
     if use_cache and not dataset.skipped:
         names = np.frombuffer(json.dumps(dataset.image_names).encode(), dtype=np.uint8)
         try:
-            atomic_write_bytes(path, save({"features": features, "logits": logits, "names_json": names}))
+            digest = np.frombuffer(_digest(features, logits, names).encode(), dtype=np.uint8)
+            atomic_write_bytes(path, save({"features": features, "logits": logits, "names_json": names,
+                                           "sha256": digest}))
         except StorageError as exc:  # a read-only or full cache folder: the run goes on without the cache
             warnings.warn(f"feature cache not written, running without it: {exc}", RuntimeWarning, stacklevel=2)
     return _from_arrays(dataset, features, logits, wh)

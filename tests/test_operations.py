@@ -6,6 +6,7 @@ Each leaves the store valid and no half-written file, and says what happened in 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sqlite3
@@ -173,3 +174,41 @@ def test_four_runs_appending_to_one_store_at_once_keep_it_valid(tmp_path: Path) 
         assert report.ok, report.problems
         records = store.records()
     assert len(records) == 80 and {r.run_id for r in records} == {f"run-{k}" for k in range(4)}
+
+
+def test_the_feature_cache_follows_the_data_and_never_serves_an_altered_entry(tmp_path: Path, world) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from model.features import cache_dir
+
+    _, _, bundle = world
+    data = write_pattern_dataset(tmp_path / "ds", n=40)
+    first = extract_features(bundle, load_nih_dataset(data))
+    # an image replaced in place (same name): other pixels, so other features
+    name = first.image_names[0]
+    img = tmp_path / "ds" / "images" / name
+    Image.fromarray(np.full((32, 32), 255, np.uint8), mode="L").save(img)
+    os.utime(img, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    second = extract_features(bundle, load_nih_dataset(data))
+    assert not np.array_equal(second.features[0], first.features[0])
+    np.testing.assert_array_equal(second.features[1:], first.features[1:])
+    # a CSV row edited (a label changed): another manifest, so the labels served are the new ones
+    csv = tmp_path / "ds" / "Data_Entry_2017_v2020.csv"
+    lines = csv.read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[1] = "Hernia"
+    csv.write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
+    third = extract_features(bundle, load_nih_dataset(data))
+    assert third.manifest_hash != second.manifest_hash and third.labels[0].sum() == 1
+    # a cache entry altered on disk (one byte of its tensor data) is detected and recomputed
+    entries = sorted((cache_dir() / "features").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    newest = entries[-1]
+    raw = bytearray(newest.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    start, _ = json.loads(raw[8:8 + header_len])["features"]["data_offsets"]
+    raw[8 + header_len + start + 5] ^= 0x40  # a bit of one feature value: still a readable file
+    newest.write_bytes(bytes(raw))
+    fourth = extract_features(bundle, load_nih_dataset(data))
+    np.testing.assert_array_equal(fourth.features, third.features)
+    np.testing.assert_array_equal(fourth.logits, third.logits)
