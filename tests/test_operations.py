@@ -212,3 +212,23 @@ def test_the_feature_cache_follows_the_data_and_never_serves_an_altered_entry(tm
     fourth = extract_features(bundle, load_nih_dataset(data))
     np.testing.assert_array_equal(fourth.features, third.features)
     np.testing.assert_array_equal(fourth.logits, third.logits)
+
+
+def test_a_model_edited_in_place_after_its_audit_is_named_by_audit_verify(world, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from cli import main
+
+    _, data, bundle = world
+    model = tmp_path / "deployed.safetensors"
+    save_bundle(bundle, model)
+    db = tmp_path / "audit.db"
+    main(["triage", "--model", str(model), "--data", str(data), "--split", "all", "--policy",
+          str(REPO / "policies" / "default.yaml"), "--out", str(tmp_path / "run"), "--audit", str(db)])
+    assert main(["audit", "verify", "--audit", str(db)]) == 0
+    assert "model file(s) named by the records match" in " ".join(capsys.readouterr().out.split())
+    thresholds = list(bundle.meta.thresholds)
+    thresholds[0] = 0.01  # someone lowers a threshold in the deployed file after the audit
+    save_bundle(bundle.with_meta(thresholds=thresholds), model)
+    assert main(["audit", "verify", "--audit", str(db)]) == 1
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps at 80 columns off a terminal
+    assert "audited model" in out and "changed since run" in out and "edited in place?" in out, out

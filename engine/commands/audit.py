@@ -15,13 +15,19 @@ from rich.markup import escape
 from rich.padding import Padding
 
 from engine.audit import AuditRecord, open_store, resolve_run
+from engine.audit_models import check_model_files
 from engine.console import console
 from engine.core.errors import EXIT_ERROR, EXIT_OK
-from engine.core.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, canonical_json
+from engine.core.storage import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    canonical_json,
+)
 from engine.reports.run_figures import draw_run_figures
 from engine.reports.run_report import collect_run, render_run_html
 
-__all__ = ["register", "add_report_subcommand", "summarise"]
+__all__ = ["add_report_subcommand", "register", "summarise"]
 
 
 def _add_audit_arg(p: argparse.ArgumentParser) -> None:
@@ -71,16 +77,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     with open_store(args.audit) as store:
         report = store.verify(expect_head=args.expect_head)
+        files = check_model_files(store) if report.ok else None
+    problems = list(report.problems) + (files.problems if files else [])
     if args.json:
-        atomic_write_json(args.json, {"ok": report.ok, "n_records": report.n_records, "problems": report.problems,
-                                      "head_seq": report.head_seq, "head_hash": report.head_hash})
-    if report.ok:
+        atomic_write_json(args.json, {"ok": not problems, "n_records": report.n_records, "problems": problems,
+                                      "head_seq": report.head_seq, "head_hash": report.head_hash,
+                                      "model_files_checked": files.checked if files else None,
+                                      "notes": files.notes if files else []})
+    for note in files.notes if files else []:
+        console.print(f"  note: {escape(note)}", highlight=False)
+    if not problems:
         console.print(f"[green]audit OK[/]: {report.n_records} record(s), hash chain intact; "
-                      f"head record {report.head_seq} hash {report.head_hash}")
+                      f"{files.checked if files else 0} model file(s) named by the records match their recorded "
+                      f"hashes; head record {report.head_seq} hash {report.head_hash}")
         return EXIT_OK
-    console.print(f"[bold red]audit FAILED[/]: {len(report.problems)} problem(s) in {report.n_records} record(s) "
+    console.print(f"[bold red]audit FAILED[/]: {len(problems)} problem(s) in {report.n_records} record(s) "
                   f"of {escape(str(args.audit))}")
-    for problem in report.problems:
+    for problem in problems:
         console.print(f"  • {escape(problem)}", highlight=False)
     return EXIT_ERROR
 

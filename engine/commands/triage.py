@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
         outcome = run_triage(bundle, dataset, policy, seed=args.seed, approve=args.approve, dry_run=args.dry_run,
                              parent=parent, audit=audit, out_dir=out_dir, progress=progress,
-                             skip_bad=args.skip_bad)
+                             skip_bad=args.skip_bad, model_path=args.model, parent_path=args.parent)
         stack.close()
     render(outcome, out_dir=out_dir, audit_path=audit_path)
     return outcome.exit_code

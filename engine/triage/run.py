@@ -143,12 +143,15 @@ def run_triage(
     skip_bad: bool = False,
     monitor_fn: MonitorFn | None = None,
     decide_fn: DecideFn | None = None,
+    model_path: str | Path | None = None,
+    parent_path: str | Path | None = None,
 ) -> TriageOutcome:
     """Run one triage of ``bundle`` on ``dataset`` under ``policy``; see the module docstring.
 
     ``approve`` names interventions a human approved for this run; a chosen candidate that needs
     approval and is not named is written as a plan and not applied. ``monitor_fn``/``decide_fn``
-    replace the policy's monitors and the rules engine (tests, other engines).
+    replace the policy's monitors and the rules engine (tests, other engines). ``model_path`` /
+    ``parent_path`` (the files the bundles came from) are recorded so ``audit verify`` can re-hash them.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -164,6 +167,9 @@ def run_triage(
         "data_manifest_hash": manifest_hash, "data_root": str(dataset.root), "split": dataset.split,
         "n_images": len(dataset), "seed": seed, "approve": list(approve), "dry_run": dry_run,
         "out_dir": str(out_dir.resolve()), "tool_version": TOOL_VERSION,
+        # where the audited files live, so `audit verify` can tell when one is edited in place later
+        **({"model_path": str(Path(model_path).resolve())} if model_path is not None else {}),
+        **({"parent_path": str(Path(parent_path).resolve())} if parent_path is not None else {}),
     })
     try:
         run = _prepare(bundle, dataset, policy, seed=seed, approve=approve, dry_run=dry_run, parent=parent,
