@@ -232,3 +232,34 @@ def test_a_model_edited_in_place_after_its_audit_is_named_by_audit_verify(world,
     assert main(["audit", "verify", "--audit", str(db)]) == 1
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at 80 columns off a terminal
     assert "audited model" in out and "changed since run" in out and "edited in place?" in out, out
+
+
+def test_triage_never_writes_into_the_dataset_folder(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only dataset folder is enough: every write is refused there (root ignores chmod, so the refusal is
+    patched in) and the folder's files are unchanged afterwards."""
+    import builtins
+
+    from cli import main
+
+    tmp, data, _ = world
+    root = str(Path(data).resolve())
+    snapshot = {p: p.stat().st_mtime_ns for p in Path(data).rglob("*")}
+    real_open, real_os_open = builtins.open, os.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and str(Path(file).resolve()).startswith(root):
+            raise PermissionError(errno.EACCES, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and str(Path(path).resolve()).startswith(root):
+            raise PermissionError(errno.EACCES, "Read-only file system", str(path))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    code = main(["triage", "--model", str(tmp / "m.safetensors"), "--data", str(data), "--split", "all", "--policy",
+                 str(REPO / "policies" / "default.yaml"), "--out", str(tmp_path / "run"), "--audit",
+                 str(tmp_path / "audit.db")])
+    assert code in (0, 3, 4) and (tmp_path / "run" / "decision.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in Path(data).rglob("*")} == snapshot
