@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.padding import Padding
 
 from engine.audit import AuditRecord, open_store, resolve_run
+from engine.commands.common import check_out_file
 from engine.console import console
 from engine.core.errors import EXIT_ERROR, EXIT_OK
 from engine.core.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, canonical_json
@@ -154,6 +155,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
     with open_store(args.audit) as store:
         if args.run:
             run_id = resolve_run(store, args.run)

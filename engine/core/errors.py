@@ -14,6 +14,7 @@ __all__ = [
     "PolicyError",
     "AuditError",
     "InterventionError",
+    "UsageError",
     "EXIT_OK",
     "EXIT_ERROR",
     "EXIT_USAGE",
@@ -55,3 +56,10 @@ class AuditError(TriageError):
 
 class InterventionError(TriageError):
     """An intervention cannot be applied to this model or data."""
+
+
+class UsageError(TriageError):
+    """A command-line value that cannot work (an ``--out`` folder that is a file ...): exit status 2.
+
+    For checks argparse cannot make because they look at the file system; raised before any work.
+    """
