@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +26,8 @@ from torch import nn
 
 from engine.core.errors import BundleError
 from engine.core.storage import atomic_write_bytes, canonical_json, sha256_bytes
-from model.labels import CHEXNET_LABELS, XRV_LABELS
-from model.nets import arch_config, build_model
+from model.labels import CHEXNET_LABELS
+from model.nets import build_model
 
 __all__ = [
     "TOOL_VERSION",
@@ -39,12 +39,15 @@ __all__ = [
     "save_bundle",
     "load_bundle",
     "bundle_to_bytes",
-    "load_checkpoint",
+    "is_torch_checkpoint",
     "load_state_dict_checked",
 ]
 
 TOOL_VERSION = "0.1.0"
 META_KEY = "cxr_triage"
+#: ``torch.save``'s legacy format opens with its magic number 0x1950a86a20f9469cfc6c, pickled (LONG1, 10 bytes).
+_LEGACY_TORCH_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+IMPORT_HINT = "import it with `cli.py import --checkpoint {path} --out BUNDLE`"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -170,6 +173,24 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=True)
 
 
+def is_torch_checkpoint(path: str | Path) -> bool:
+    """Whether the file's content (not its name) is a ``torch.save`` file.
+
+    Zip format (PyTorch >= 1.6): ``PK\\x03\\x04`` with a ``data.pkl`` entry; legacy format
+    (``model.pth.tar`` of PyTorch 0.3): a pickle stream (``\\x80``, the protocol) whose first object is
+    torch's magic number. Any other pickle, or a safetensors file, is not taken for one.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+        if head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as archive:
+                return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return head[:1] == b"\x80" and _LEGACY_TORCH_MAGIC in head
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Load a bundle written by :func:`save_bundle` (no pickle involved)."""
     path = Path(path)
@@ -181,12 +202,12 @@ def load_bundle(path: str | Path) -> Bundle:
             header = fh.metadata() or {}
         state = st_load(data)
     except (SafetensorError, OSError, ValueError) as exc:
+        if is_torch_checkpoint(path):
+            raise BundleError(f"{path} is a PyTorch checkpoint, not a bundle: {IMPORT_HINT.format(path=path)}") from None
         raise BundleError(f"{path}: not a readable safetensors bundle ({exc})") from exc
     if META_KEY not in header:
-        raise BundleError(
-            f"{path}: safetensors file has no '{META_KEY}' metadata; for a plain state dict or a CheXNet "
-            "checkpoint use `load_checkpoint` (CLI: pass it with --checkpoint-format)"
-        )
+        raise BundleError(f"{path}: safetensors file has no '{META_KEY}' metadata (a plain state dict, not a "
+                          f"bundle?); {IMPORT_HINT.format(path=path)}")
     try:
         meta = BundleMeta.model_validate(json.loads(header[META_KEY]))
     except (ValidationError, json.JSONDecodeError) as exc:
@@ -195,64 +216,3 @@ def load_bundle(path: str | Path) -> Bundle:
     load_state_dict_checked(model, state, str(path))
     model.eval()
     return Bundle(model, meta)
-
-
-# torchvision's own reason: checkpoints from old PyTorch name DenseNet layers "norm.1", "conv.2"
-# (module names with dots), which newer nn.Module naming forbids; today they are "norm1", "conv2".
-_LEGACY_DENSE_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-
-
-def _normalise_checkpoint_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "densenet121.", "model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        # arnoweng's CheXNet wraps the head as Sequential(Linear, Sigmoid): classifier.0.* -> classifier.*
-        key = key.replace("classifier.0.", "classifier.")
-        match = _LEGACY_DENSE_KEY.match(key)
-        if match:
-            key = match.group(1) + match.group(2)
-        out[key] = value
-    return out
-
-
-def load_checkpoint(path: str | Path, *, input_size: int = 224) -> Bundle:
-    """Load a foreign DenseNet121 checkpoint: arnoweng CheXNet ``model.pth.tar`` or a torchvision state dict.
-
-    Loaded with ``torch.load(weights_only=True)``: the file stays data, never code. The output
-    layout (14 CheXNet or 18 torchxrayvision labels, 1 or 3 input channels) is read off the weights.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"{path}: checkpoint does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            with open(path, "rb") as fh:
-                raw: Any = st_load(fh.read())
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a non-checkpoint or a pickle with code
-        raise BundleError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {exc})") from exc
-    if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise BundleError(f"{path}: expected a state dict of tensors (or a dict with 'state_dict')")
-    state = _normalise_checkpoint_keys(raw)
-    if "classifier.weight" not in state or "features.conv0.weight" not in state:
-        raise BundleError(f"{path}: not a DenseNet checkpoint (no 'features.conv0.weight' / 'classifier.weight')")
-    num_classes = int(state["classifier.weight"].shape[0])
-    in_channels = int(state["features.conv0.weight"].shape[1])
-    labels = {14: CHEXNET_LABELS, 18: XRV_LABELS}.get(num_classes)
-    if labels is None:
-        raise BundleError(f"{path}: classifier has {num_classes} outputs; expected 14 (CheXNet) or 18 (torchxrayvision)")
-    config = arch_config("densenet121", num_classes=num_classes, in_channels=in_channels)
-    model = build_model("densenet", config)
-    # Old checkpoints predate BatchNorm's num_batches_tracked buffer; it does not affect eval.
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
-    load_state_dict_checked(model, state, str(path))
-    model.eval()
-    return new_bundle(model, config=config, input_size=input_size, labels=list(labels),
-                      notes={"imported_from": path.name})

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine.core.errors import BundleError
-from model.bundle import load_bundle, load_checkpoint, new_bundle, save_bundle
-from model.nets import arch_config, build_model, chexnet_densenet121, count_parameters, tiny_densenet, xrv_densenet121
+from model.bundle import load_bundle, new_bundle, save_bundle
+from model.checkpoint import load_checkpoint
+from model.nets import arch_config, build_model, chexnet_densenet121, count_parameters, xrv_densenet121
 
 
 def _tiny_bundle(seed: int = 0):

@@ -16,6 +16,7 @@ from rich.padding import Padding
 
 from engine.audit import AuditRecord, open_store, resolve_run
 from engine.audit_models import check_model_files
+from engine.commands.common import check_out_file
 from engine.console import console
 from engine.core.errors import EXIT_ERROR, EXIT_OK
 from engine.core.storage import (
@@ -167,6 +168,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
     with open_store(args.audit) as store:
         if args.run:
             run_id = resolve_run(store, args.run)

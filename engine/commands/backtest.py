@@ -18,6 +18,7 @@ from engine.backtest import (
     scenarios_from_flags,
     write_document,
 )
+from engine.commands.common import check_out_folder
 from engine.console import console, progress_task
 from engine.core.errors import EXIT_OK, EXIT_USAGE
 from model.data.faults import FAULT_SYNTAX
@@ -112,6 +113,7 @@ def _render(doc: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)
     scenarios = _scenarios(args)
     if scenarios is None:
         return EXIT_USAGE

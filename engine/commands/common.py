@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.core.errors import UsageError
 from model.bundle import Bundle, load_bundle
 from model.data import SPLIT_FILES, NIHDataset, load_nih_dataset
 
-__all__ = ["add_data_args", "resolve_split", "load_data", "load_model"]
+__all__ = ["add_data_args", "check_out_file", "check_out_folder", "load_data", "load_model", "resolve_split"]
 
 
 def add_data_args(parser: argparse.ArgumentParser, *, default_split: str) -> None:
@@ -35,3 +36,31 @@ def load_data(args: argparse.Namespace) -> NIHDataset:
 
 def load_model(path: Path) -> Bundle:
     return load_bundle(path)
+
+
+def _blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (nothing can be created below it)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_out_folder(path: Path, option: str = "--out") -> Path:
+    """Refuse an output folder that cannot be one before any work starts (not a traceback at the end)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path}: exists and is a file, not a folder; give a new or existing folder")
+    blocking = _blocking_ancestor(path)
+    if blocking is not None:
+        raise UsageError(f"{option} {path}: cannot create a folder there, {blocking} is a file")
+    return path
+
+
+def check_out_file(path: Path, option: str = "--out") -> Path:
+    """Refuse an output file path that is a folder (or lies below a file) before any work starts."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file path")
+    blocking = _blocking_ancestor(path)
+    if blocking is not None:
+        raise UsageError(f"{option} {path}: cannot write there, {blocking} is a file")
+    return path

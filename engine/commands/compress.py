@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from engine.commands.common import load_model, resolve_split
+from engine.commands.common import check_out_file, load_model, resolve_split
 from engine.console import console, progress_task
 from engine.core.errors import DataError
 from engine.core.storage import atomic_write_json
@@ -78,6 +78,7 @@ def _fmt(v: Any, spec: str = ",") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
     explicit_tol = args.max_auroc_drop is not None or args.max_logit_delta is not None
     if args.target_reduction is not None and not explicit_tol:
         max_auroc = None  # a target alone wins: no tolerance is enforced

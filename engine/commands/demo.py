@@ -15,6 +15,7 @@ import engine.commands.inject as inject_command
 import engine.commands.report as report_command
 import engine.commands.train as train_command
 import engine.commands.triage as triage_command
+from engine.commands.common import check_out_folder
 from engine.commands.dispatch import build_parser, run_command_line
 from engine.console import console, progress_task
 from engine.demo import FULL, QUICK, DemoConfig, Step, decision_code_digest, file_digest, run_step
@@ -46,7 +47,7 @@ def _announce(name: str, reused: bool, seconds: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg: DemoConfig = QUICK if args.quick else FULL
-    out: Path = args.out
+    out: Path = check_out_folder(args.out)
     stamps = out / ".stamps"
     summary: dict[str, Any] = {"config": cfg.__dict__, "outputs": {}}
     started = time.perf_counter()

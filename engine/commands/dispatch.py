@@ -2,7 +2,8 @@
 
 Every command module defines ``register(subparsers)``, which adds its subparser with
 ``func=run``; ``run(args) -> int`` returns the exit status. :class:`engine.core.errors.TriageError`
-becomes exit status 1 with its message on stderr, and Ctrl-C exit status 130.
+becomes exit status 1 with its message on stderr (:class:`~engine.core.errors.UsageError`: exit
+status 2, as argparse's usage errors), and Ctrl-C exit status 130.
 
 Used by :mod:`engine.commands.main` (every command, what ``cli.py`` runs) and by
 :mod:`engine.commands.demo` (the commands the demo types), so that the demo runs its steps
@@ -20,7 +21,7 @@ from types import ModuleType
 from rich.markup import escape
 
 from engine.console import err_console
-from engine.core.errors import EXIT_ERROR, EXIT_TERMINATED, EXIT_USAGE, Terminated, TriageError
+from engine.core.errors import EXIT_ERROR, EXIT_TERMINATED, EXIT_USAGE, Terminated, TriageError, UsageError
 
 __all__ = ["EPILOG", "build_parser", "run_command_line"]
 
@@ -63,7 +64,7 @@ def run_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         return int(args.func(args) or 0)
     except TriageError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
     except Terminated:
         err_console.print("[bold red]stopped:[/] SIGTERM received; the run is recorded as interrupted",
                           highlight=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from engine.commands.common import add_data_args, load_data, load_model
+from engine.commands.common import add_data_args, check_out_file, load_data, load_model
 from engine.console import console, progress_task
 from engine.core.storage import atomic_write_json
 from model.evaluate import evaluate_bundle
@@ -36,6 +36,9 @@ def _fmt(value: float | int | None, spec: str = ".3f") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option, path in (("--json", args.json), ("--write-reference", args.write_reference)):
+        if path is not None:
+            check_out_file(path, option)
     bundle = load_model(args.model)
     dataset = load_data(args)
     with progress_task("features") as progress:

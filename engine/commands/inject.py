@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from engine.commands.common import check_out_folder
 from engine.console import console, progress_task
 from model.data.faults import FAULT_FILE, FAULT_SYNTAX, inject_fault, parse_fault
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = parse_fault(args.fault)  # fail on a bad spec before reading any image
+    check_out_folder(args.out)
     with progress_task(f"inject {spec.name}") as progress:
         record = inject_fault(args.data, spec, args.out, seed=args.seed, progress=progress)
     table = Table(title=f"{escape(spec.text)} (seed {args.seed}) → {escape(str(args.out))}", show_header=False)

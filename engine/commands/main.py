@@ -15,6 +15,7 @@ import engine.commands.backtest as backtest
 import engine.commands.compress as compress
 import engine.commands.demo as demo
 import engine.commands.evaluate as evaluate
+import engine.commands.import_checkpoint as import_checkpoint
 import engine.commands.inject as inject
 import engine.commands.monitor as monitor
 import engine.commands.phantom as phantom
@@ -28,7 +29,7 @@ from engine.commands.dispatch import run_command_line
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 #: Every command; the order here is the order in ``--help``.
-COMMAND_MODULES = (demo, phantom, inject, train, evaluate, compress, monitor, triage, backtest, audit, policy, analyze, report)
+COMMAND_MODULES = (demo, phantom, inject, train, import_checkpoint, evaluate, compress, monitor, triage, backtest, audit, policy, analyze, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.commands.common import check_out_folder
 from engine.console import console, progress_task
 
 
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from model.data.phantom import generate_phantoms
 
+    check_out_folder(args.out)
     with progress_task("phantoms", total=args.n) as progress:
         # bad arguments raise DataError (exit 1, no traceback) from generate_phantoms itself
         out = generate_phantoms(args.out, args.n, size=args.size, seed=args.seed,

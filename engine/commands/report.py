@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from engine.commands.common import load_model
+from engine.commands.common import check_out_folder, load_model
 from engine.console import console
 from engine.reports.clinical import write_report
 from model.explain.evidence import CONFIDENT_MARGIN, EXCLUSIVE_JACCARD, check_bundle
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         args.usage_error(f"two images share the output name(s) {', '.join(dupes)}; report them into separate --out folders")
+    check_out_folder(args.out)
     bundle = load_model(args.model)
     check_bundle(bundle, str(args.model))
     for image in args.image:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from engine.commands.common import add_data_args, load_data
+from engine.commands.common import add_data_args, check_out_file, load_data
 from engine.console import console, progress_task
 from model.bundle import save_bundle
 from model.nets import ARCH_PRESETS, count_parameters
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise SystemExit("cli.py train: error: --epochs must be >= 1")
+    check_out_file(args.out)  # before training, not after
     dataset = load_data(args)
     console.print(f"Training [bold]{args.arch}[/] on {len(dataset)} images of {args.data} "
                   f"(split {dataset.split}) at {args.image_size} px, seed {args.seed}")

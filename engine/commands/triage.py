@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.audit import AuditStore
-from engine.commands.common import add_data_args, load_data, load_model
+from engine.commands.common import add_data_args, check_out_folder, load_data, load_model
 from engine.console import console, err_console, progress_task
 from engine.core.errors import EXIT_NEEDS_APPROVAL, EXIT_OK, EXIT_USAGE
 from engine.triage import EXIT_UNTREATED, TriageOutcome, run_triage
@@ -144,6 +144,7 @@ def render(outcome: TriageOutcome, *, out_dir: Path, audit_path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.approve and _check_approve(args.approve):
         return EXIT_USAGE
+    check_out_folder(args.out)
     bundle = load_model(args.model)
     dataset = load_data(args)
     policy = _load_policy(args.policy)

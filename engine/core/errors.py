@@ -14,6 +14,7 @@ __all__ = [
     "PolicyError",
     "AuditError",
     "InterventionError",
+    "UsageError",
     "EXIT_OK",
     "EXIT_ERROR",
     "EXIT_USAGE",
@@ -69,3 +70,10 @@ class StorageError(TriageError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (e.g. systemd's stop timeout) turned into an interruption, so runs close their records."""
+
+
+class UsageError(TriageError):
+    """A command-line value that cannot work (an ``--out`` folder that is a file ...): exit status 2.
+
+    For checks argparse cannot make because they look at the file system; raised before any work.
+    """
