@@ -52,7 +52,7 @@ from engine.monitors.base import run_memo  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.features import FeatureSet  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
-from model.metrics import per_label_metrics, sigmoid, youden_threshold  # noqa: E402
+from model.metrics import numeric_rows, per_label_metrics, sigmoid, youden_threshold  # noqa: E402
 
 K = len(CHEXNET_LABELS)
 
@@ -105,7 +105,8 @@ def _synthetic(rows: int, n_features: int, seed: int = 0):
         head.classifier.weight.copy_(torch.tensor(w, dtype=torch.float32))
         head.classifier.bias.copy_(torch.tensor(b, dtype=torch.float32))
     bundle = new_bundle(head, config={"num_classes": K}, input_size=224, thresholds=thresholds,
-                        reference_metrics=per_label_metrics(ref_y, ref_z, thresholds, CHEXNET_LABELS, n_boot=200))
+                        reference_metrics=numeric_rows(
+                            per_label_metrics(ref_y, ref_z, thresholds, CHEXNET_LABELS, n_boot=200)))
     y, f = draw(rows, seed + 2)
     clean = fs(y, f)
     neg = np.flatnonzero(y[:, k_sc] == 0)

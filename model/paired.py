@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 from scipy.stats import norm
 
+from model.interval import Interval, unestimable
 from model.metrics import auroc_rows
 
 __all__ = [
@@ -29,8 +28,8 @@ __all__ = [
     "paired_auroc_delta",
     "paired_mean_auroc_delta",
     "paired_rate_delta",
-    "paired_youden_delta",
     "paired_statistic",
+    "paired_youden_delta",
     "rate_interval",
     "wilson_interval",
 ]
@@ -40,36 +39,7 @@ __all__ = [
 DEFAULT_BOOT = 1000
 
 
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with its two-sided interval at ``level``; ``estimate`` None means "cannot be estimated"."""
-
-    estimate: float | None
-    low: float | None
-    high: float | None
-    level: float
-    n: int
-    method: str
-    reason: str | None = None
-
-    @property
-    def estimable(self) -> bool:
-        return self.estimate is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def text(self, digits: int = 3) -> str:
-        """``0.123 [0.050, 0.201]`` or ``cannot be estimated (reason)``."""
-        if self.estimate is None:
-            return f"cannot be estimated ({self.reason})"
-        if self.low is None or self.high is None:
-            return f"{self.estimate:.{digits}f}"
-        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
-
-
-def _unestimable(level: float, n: int, method: str, reason: str) -> Interval:
-    return Interval(None, None, None, level, n, method, reason)
+_unestimable = unestimable
 
 
 def _r(x: float) -> float:

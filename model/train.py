@@ -23,7 +23,7 @@ from model.bundle import Bundle, new_bundle
 from model.data import NIHDataset, patient_disjoint_split, read_images
 from model.features import compute_features, to_model_input
 from model.labels import CHEXNET_LABELS
-from model.metrics import per_label_metrics, sigmoid, youden_threshold, auroc
+from model.metrics import auroc, numeric_rows, per_label_metrics, sigmoid, youden_threshold
 from model.nets import arch_config, build_model
 
 __all__ = ["default_device", "augment_batch", "fit_model", "train_bundle", "reference_from_holdout", "mean_auroc"]
@@ -183,8 +183,7 @@ def reference_from_holdout(bundle: Bundle, labels: np.ndarray, logits: np.ndarra
     probs = sigmoid(logits)
     thresholds = [youden_threshold(labels[:, k], probs[:, k]) for k in range(labels.shape[1])]
     metrics = per_label_metrics(labels, logits, thresholds, bundle.meta.labels, n_boot=200, seed=0)
-    reference = {name: {k: (float(v) if v is not None else None) for k, v in row.items()} for name, row in metrics.items()}
-    return bundle.with_meta(thresholds=thresholds, reference_metrics=reference)
+    return bundle.with_meta(thresholds=thresholds, reference_metrics=numeric_rows(metrics))
 
 
 def train_bundle(

@@ -23,7 +23,7 @@ from engine.monitors.base import bootstrap_counts, weighted_auroc, weighted_ece,
 from model.bundle import Bundle, new_bundle
 from model.features import FeatureSet
 from model.labels import CHEXNET_LABELS
-from model.metrics import auroc, expected_calibration_error, per_label_metrics, sigmoid, youden_threshold
+from model.metrics import auroc, expected_calibration_error, numeric_rows, per_label_metrics, sigmoid, youden_threshold
 
 K = len(CHEXNET_LABELS)
 F = 64
@@ -84,7 +84,7 @@ def _bundle(d: dict, n_ref: int = 1500, seed: int = 1) -> Bundle:
     y, f = _draw(d, n_ref, seed)
     z = _logits(d, f)
     thresholds = [youden_threshold(y[:, k], sigmoid(z[:, k])) for k in range(K)]
-    reference = per_label_metrics(y, z, thresholds, CHEXNET_LABELS, n_boot=200, seed=0)
+    reference = numeric_rows(per_label_metrics(y, z, thresholds, CHEXNET_LABELS, n_boot=200, seed=0))
     head = _Head(F)
     with torch.no_grad():
         head.classifier.weight.copy_(torch.tensor(d["w"], dtype=torch.float32))

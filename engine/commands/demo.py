@@ -103,9 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     reused, info = run_step(Step("evaluate", (eval_path,), {"model": file_digest(model_path)}), stamps, evaluate)
-    _announce(f"evaluate on the test split: mean AUROC {info['mean_auroc']:.3f} "
-              f"(95% CI {info['mean_auroc_ci_low']:.3f}–{info['mean_auroc_ci_high']:.3f}) → {eval_path}",
-              reused, time.perf_counter() - t)
+    mean = ("n/a" if info["mean_auroc"] is None else f"{info['mean_auroc']:.3f}")
+    ci = (f"95% CI {info['mean_auroc_ci_low']:.3f}–{info['mean_auroc_ci_high']:.3f}"
+          if info["mean_auroc_ci_low"] is not None else f"95% CI n/a: {info.get('mean_auroc_ci_low_reason')}")
+    _announce(f"evaluate on the test split: mean AUROC {mean} ({ci}) → {eval_path}", reused, time.perf_counter() - t)
     summary["outputs"]["evaluation"] = str(eval_path)
 
     _print_summary(_later_stages(cfg, out, data, model_path, stamps, summary), summary)

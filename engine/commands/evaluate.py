@@ -31,8 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _fmt(value: float | int | None, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str = ".3f", reason: str | None = None) -> str:
+    """A number, or ``n/a (reason)`` for a value that cannot be estimated (the JSON's ``<name>_reason``)."""
+    if value is None:
+        return f"n/a ({reason})" if reason else "n/a"
+    return format(value, spec)
+
+
+def _cell(row: dict, key: str, spec: str = ".3f") -> str:
+    return _fmt(row.get(key), spec, row.get(f"{key}_reason"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,17 +53,21 @@ def run(args: argparse.Namespace) -> int:
                                  progress=progress)
     s = result["summary"]
     table = Table(title=f"{args.model.name} on {args.data} (split {dataset.split}, {s['n_images']} images)")
-    for col in ("label", "pos", "AUROC", "95% CI", "AUPRC", "ECE", "thr", "sens", "spec"):
+    for col in ("label", "pos", "AUROC", "95% CI", "AUPRC", "ECE", "cal. slope", "thr", "sens", "spec"):
         table.add_column(col, justify="left" if col == "label" else "right")
     for name, row in result["labels"].items():
-        ci = "n/a" if row["auroc_ci_low"] is None else f"{row['auroc_ci_low']:.2f}–{row['auroc_ci_high']:.2f}"
-        table.add_row(name, str(row["positives"]), _fmt(row["auroc"]), ci, _fmt(row["auprc"]), _fmt(row["ece"]),
-                      _fmt(row["threshold"]), _fmt(row["sensitivity"], ".2f"), _fmt(row["specificity"], ".2f"))
+        ci = (_fmt(None, reason=row.get("auroc_ci_low_reason")) if row["auroc_ci_low"] is None
+              else f"{row['auroc_ci_low']:.2f}–{row['auroc_ci_high']:.2f}")
+        table.add_row(name, str(row["positives"]), _cell(row, "auroc"), ci, _cell(row, "auprc"), _cell(row, "ece"),
+                      _cell(row, "calibration_slope", ".2f"), _cell(row, "threshold"),
+                      _cell(row, "sensitivity", ".2f"), _cell(row, "specificity", ".2f"))
     console.print(table)
-    ci = ("" if s["mean_auroc_ci_low"] is None
-          else f" (95% CI {s['mean_auroc_ci_low']:.3f}–{s['mean_auroc_ci_high']:.3f})")
+    if s["mean_auroc_ci_low"] is not None:
+        ci = f" (95% CI {s['mean_auroc_ci_low']:.3f}–{s['mean_auroc_ci_high']:.3f})"
+    else:
+        ci = f" (95% CI n/a: {s['mean_auroc_ci_low_reason']})" if s.get("mean_auroc_ci_low_reason") else ""
     console.print(f"mean AUROC over {s['labels_with_positives']} labels with positives: "
-                  f"[bold]{_fmt(s['mean_auroc'])}[/]{ci}")
+                  f"[bold]{_fmt(s['mean_auroc'], reason=s.get('mean_auroc_reason'))}[/]{ci}")
     if s["skipped"]:
         console.print(f"[yellow]skipped {len(s['skipped'])} unreadable row(s)/image(s)[/]")
     if args.json:

@@ -52,7 +52,7 @@ from model.metrics import (
     expected_calibration_error,
     logit,
     sigmoid,
-    youden_threshold,
+    youden_fit,
 )
 from rules.policy.monitors import MonitorConfig
 
@@ -159,7 +159,8 @@ class CalibrationDriftMonitor(Monitor):
         cfg = config.calibration_drift
         y, p = lab.y, lab.probs
         auc = auroc(y, p)
-        youden = youden_threshold(y, p)
+        fit = youden_fit(y, p)
+        youden = fit.threshold
         ref_auc = lab.reference.get("auroc")
         # "Ranking intact" needs AUROCs worth comparing (enough positives on both sides); else False.
         reliable = comparable(lab, config)
@@ -167,7 +168,9 @@ class CalibrationDriftMonitor(Monitor):
         z = float(norm.ppf(1 - cfg.alpha / max(family, 1)))  # one-sided, family-wise over the labels assessed
         found = _Findings(_SharedResamples(resamples, cfg.n_boot))
         ece_adj = self._ece_test(lab, cfg, z, found)
-        if auroc_intact and abs(youden - lab.threshold) >= cfg.threshold_shift:
+        if youden is None:  # no operating point to compare with: not assessable, never "passed"
+            found.not_assessable["operating_point"] = fit.reason
+        elif auroc_intact and abs(youden - lab.threshold) >= cfg.threshold_shift:
             self._operating_point_test(lab, cfg, z, found)
         disp = self._displacement(lab, cfg)
         if disp is not None:
@@ -226,12 +229,14 @@ class CalibrationDriftMonitor(Monitor):
                         f"{_SECTION}.min_auroc_ratio": cfg.min_auroc_ratio}, j_loss, cfg.min_j_loss)
 
     def _drift_fact(self, lab: LabelData, config: MonitorConfig, found: "_Findings", *, ece_adj: float,
-                    auc: float, youden: float, auroc_intact: bool, reliable: bool) -> IssueFact:
+                    auc: float, youden: float | None, auroc_intact: bool, reliable: bool) -> IssueFact:
         ref, deployed, measured, fired = lab.reference, lab.threshold, found.measured, found.fired
         ref_ece, ref_auc = ref.get("ece"), ref.get("auroc")
         y, p = lab.y, lab.probs
         ece = expected_calibration_error(y, p, n_bins=config.calibration_drift.n_bins)
-        slope, intercept = calibration_slope_intercept(y, lab.logits)
+        cal = calibration_slope_intercept(y, lab.logits)
+        if not cal.estimable:
+            found.not_assessable["calibration_slope"] = cal.reason
         severity = max((severity_for(e, t, config) for e, t in found.excess), key=("medium", "high").index)
         criteria = [c for c, key in (("ece", "ece_increase"), ("operating_point", "threshold_shift"),
                                      ("threshold_displacement", "max_threshold_displacement"))
@@ -249,10 +254,15 @@ class CalibrationDriftMonitor(Monitor):
                    else f"ranking not assessable on {lab.positives} positive(s), so not counted as intact")
         measured.update(
             ece=ece, auroc=auc, auroc_intact=auroc_intact, youden_threshold=youden, deployed_threshold=deployed,
-            threshold_shift=youden - deployed, calibration_slope=slope, calibration_intercept=intercept,
+            threshold_shift=None if youden is None else youden - deployed,
+            calibration_slope=cal.slope, calibration_intercept=cal.intercept,
             mean_probability=float(p.mean()), prevalence=float(y.mean()), positives=lab.positives, n=len(y),
             auroc_comparable=reliable,
         )
+        if not cal.estimable:
+            measured.update(calibration_slope_reason=cal.reason, calibration_intercept_reason=cal.reason)
+        if youden is None:
+            measured.update(youden_threshold_reason=found.not_assessable.get("operating_point"))
         return self.fact(
             "calibration_drift",
             label=lab.name,
@@ -264,6 +274,7 @@ class CalibrationDriftMonitor(Monitor):
             threshold=fired,
             evidence={"criteria": criteria, "auroc_intact": auroc_intact, "youden_threshold": youden,
                       "deployed_threshold": deployed, "ece": ece, "auroc": auc,
+                      **({"not_assessable": dict(found.not_assessable)} if found.not_assessable else {}),
                       "reference_detail": {k: ref.get(k) for k in ("calibration_slope", "calibration_intercept",
                                                                    "threshold", "prevalence", "fp", "tn", "n")}},
         )
@@ -289,6 +300,8 @@ class _Findings:
     measured: dict[str, object] = field(default_factory=dict)
     fired: dict[str, float] = field(default_factory=dict)
     excess: list[tuple[float, float]] = field(default_factory=list)
+    #: what could not be estimated on this label, with the reason (recorded, neither fired nor passed)
+    not_assessable: dict[str, str | None] = field(default_factory=dict)
 
     def fire(self, keys: dict[str, float], value: float, limit: float) -> None:
         self.fired.update(keys)

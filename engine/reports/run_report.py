@@ -268,6 +268,13 @@ def _checks_table(checks: list[dict[str, Any]]) -> str:
     return "".join(rows)
 
 
+def _cell(m: dict, key: str, spec: str = ".3f") -> str:
+    """A number, or ``n/a (reason)`` where the split's metrics say why it cannot be estimated."""
+    if m.get(key) is None and m.get(f"{key}_reason"):
+        return f"n/a ({esc(m[f'{key}_reason'])})"
+    return num(m.get(key), spec)
+
+
 def _metrics_table(before: dict, after: dict, treated: str | None) -> str:
     rows = ["<table><tr><th>label</th><th>n / positives</th><th>AUROC before</th><th>after</th><th>Δ</th>"
             "<th>sensitivity before → after</th><th>specificity before → after</th><th>ECE before → after</th>"
@@ -279,10 +286,10 @@ def _metrics_table(before: dict, after: dict, treated: str | None) -> str:
         rows.append(
             f"<tr class='{'treated' if label == treated else ''}'><td>{esc(label)}{' ◀ treated' if label == treated else ''}</td>"
             f"<td class='n'>{esc(b.get('n', a.get('n')))} / {esc(b.get('positives', a.get('positives')))}</td>"
-            f"<td class='n'>{num(ab, '.4f')}</td><td class='n'>{num(aa, '.4f')}</td><td class='n'>{delta}</td>"
-            f"<td class='n'>{num(b.get('sensitivity'))} → {num(a.get('sensitivity'))}</td>"
-            f"<td class='n'>{num(b.get('specificity'))} → {num(a.get('specificity'))}</td>"
-            f"<td class='n'>{num(b.get('ece'))} → {num(a.get('ece'))}</td>"
+            f"<td class='n'>{_cell(b, 'auroc', '.4f')}</td><td class='n'>{_cell(a, 'auroc', '.4f')}</td><td class='n'>{delta}</td>"
+            f"<td class='n'>{_cell(b, 'sensitivity')} → {_cell(a, 'sensitivity')}</td>"
+            f"<td class='n'>{_cell(b, 'specificity')} → {_cell(a, 'specificity')}</td>"
+            f"<td class='n'>{_cell(b, 'ece')} → {_cell(a, 'ece')}</td>"
             f"<td class='n'>{num(b.get('threshold'))} → {num(a.get('threshold'))}</td>"
             f"<td class='n'>{esc(b.get('tp'))}/{esc(b.get('fp'))} → {esc(a.get('tp'))}/{esc(a.get('fp'))}</td></tr>")
     rows.append("</table>")

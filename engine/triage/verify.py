@@ -44,7 +44,7 @@ from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet, extract_features
 from model.labels import CHEXNET_LABELS
-from model.metrics import auroc, confusion_at, expected_calibration_error, sigmoid
+from model.metrics import auroc, confusion_at, expected_calibration_error, one_class_reason, sigmoid
 
 __all__ = [
     "MonitorFn",
@@ -169,6 +169,10 @@ def split_metrics(bundle: Bundle, data: FeatureSet, labels: Sequence[str] | None
             "tp": conf["tp"],
             "fp": conf["fp"],
         }
+        # a value that cannot be estimated is None with its reason (the evaluate JSON's convention)
+        why = {"auroc": one_class_reason(y), "ece": "no images", "sensitivity": "no positives",
+               "specificity": "no negatives"}
+        out[name].update({f"{key}_reason": reason for key, reason in why.items() if out[name][key] is None})
     return out
 
 
