@@ -10,10 +10,26 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = ["console", "err_console", "progress_task"]
+__all__ = ["console", "err_console", "plain_output", "print_line", "progress_task"]
 
+#: Width from ``COLUMNS`` when set (rich reads it), else the terminal's, else 80.
 console = Console()
 err_console = Console(stderr=True)
+
+
+def plain_output() -> bool:
+    """Whether stdout is not a terminal (a cron log, a pipe, a file).
+
+    Wide tables are then printed as plain lines instead: rich would wrap them at 80 columns into
+    fragments nobody can grep. rich's own switches force terminal mode (``TTY_COMPATIBLE=1``,
+    ``FORCE_COLOR``); ``COLUMNS`` sets the width of the tables in terminal mode.
+    """
+    return not console.is_terminal
+
+
+def print_line(text: str, *, markup: bool = True) -> None:
+    """One logical line on stdout, never wrapped or cropped whatever the console's width."""
+    console.print(text, soft_wrap=True, highlight=False, markup=markup)
 
 
 @contextmanager

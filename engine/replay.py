@@ -286,6 +286,23 @@ def _context(started: Mapping[str, Any], facts_payload: Mapping[str, Any], decis
     return context, tuple(notes)
 
 
+#: The context keys with the fit split's per-label counts (``partial_retrain``'s condition reads them).
+FIT_COUNT_KEY = "fit_positives"
+
+
+def _fit_count_notes(context: Mapping[str, Any], facts: Sequence[IssueFact], policy: Policy) -> tuple[str, ...]:
+    """A note when the record lacks the fit split's counts and a fact's retraining condition needs them."""
+    if FIT_COUNT_KEY in context:
+        return ()
+    needs = [f for f in facts if f.label and "partial_retrain" in policy.treatments_for(f.kind)]
+    if not needs:
+        return ()
+    note = (f"{FIT_COUNT_KEY} is not recorded (a store written before the triage gave the rules the fit split's "
+            "counts): partial_retrain's min_positives is checked against the whole audit set's positives, as "
+            "the rules did then; the plugin counts only the fit split")
+    return (note,)
+
+
 def _done_then(fact_id: str, records: Sequence[AuditRecord]) -> tuple[tuple[AttemptView, ...], str | None]:
     """Each attempt's intervention and result for ``fact_id``, and the fact's final outcome."""
     chosen: dict[int, str | None] = {}
@@ -359,6 +376,7 @@ def _replay_instance(where: str, run_id: str, instance: int, records: list[Audit
     decisions = [r.payload for r in records if r.kind == "decision"]
     first = {str(p.get("fact_id")): p for p in reversed(decisions) if not p.get("excluded")}
     context, notes = _context(started, facts_rec[-1], decisions)
+    notes += _fit_count_notes(context, actionable, policy)
     tag = f"replay-{run_id}-{instance}-{policy.content_hash[:12]}"
     if COMPRESSION_KEY in context:
         now, other = _decide_views(actionable, policy, tag, context), {}

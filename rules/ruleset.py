@@ -18,7 +18,10 @@ Conditions (all read fields of the record built by :func:`issue_record`):
   say) AUROC >= ``min_auroc_ratio`` x the reference AUROC. Moving an operating point cannot help a
   model that no longer ranks.
 * ``zeroing`` - few channels: ``n_channels_needed <= max_channels`` (from the fp_cluster evidence).
-* ``partial_retrain`` - enough positives: ``positives >= min_positives`` (measured on the data).
+* ``partial_retrain`` - enough positives: ``positives >= min_positives``, counted in the fit split
+  the plugin learns from when the context gives ``fit_positives`` / ``fit_negatives`` (then the
+  negatives must reach ``min_positives`` too, as the plugin requires), else the fact's count on the
+  whole audit set (replay of stores that did not record the fit counts).
 * ``f_reopt`` - the bundle has a compression history (``context["has_compression_history"]``),
   unless ``conditions.f_reopt.require_compression_history`` is false.
 * ``augmentation``, ``full_retrain`` and plugins: no conditions here (a plugin's own
@@ -124,13 +127,17 @@ _FEW_CHANNELS = Condition(
 )
 _ENOUGH_POSITIVES = Condition(
     name="enough_positives",
-    words="positives >= conditions.partial_retrain.min_positives (enough labelled positives to retrain on)",
-    holds_reason="{positives} labelled positives (min_positives {min_positives})",
-    holds=lambda: m.positives >= m.min_positives,
+    words="positives >= conditions.partial_retrain.min_positives (enough labelled positives to retrain on; "
+          "counted in the fit split, with as many negatives there, when the triage gives them)",
+    holds_reason="{positives} labelled positives (min_positives {min_positives}; counted in {positives_in})",
+    holds=lambda: ((m.positives >= m.min_positives)
+                   & (-m.negatives | (m.negatives >= m.min_positives))),
     fails=(
         ("the fact does not give the number of labelled positives", lambda: -m.positives),
-        ("only {positives} labelled positives, fewer than min_positives {min_positives}",
+        ("only {positives} labelled positives, fewer than min_positives {min_positives} (counted in {positives_in})",
          lambda: m.positives < m.min_positives),
+        ("only {negatives} negative images, fewer than min_positives {min_positives} (counted in {positives_in})",
+         lambda: m.negatives < m.min_positives),
     ),
 )
 _COMPRESSION_HISTORY = Condition(
@@ -224,7 +231,20 @@ def issue_record(fact: IssueFact, *, seq: int, run_id: str, policy: Policy,
         value = _number(_first(fact, key, "measured", "evidence"))
         if value is not None:
             record[key] = value
+    record.update(_fit_counts(fact, context))
     return record
+
+
+def _fit_counts(fact: IssueFact, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The positives (and negatives) a retraining of ``fact``'s label will see: the fit split's, when
+    the context gives them, else the fact's own count on the whole audit set (said in ``positives_in``)."""
+    pos, neg = context.get("fit_positives"), context.get("fit_negatives")
+    if fact.label and isinstance(pos, Mapping) and _number(pos.get(fact.label)) is not None:
+        out: dict[str, Any] = {"positives": pos[fact.label], "positives_in": "the fit split retraining learns from"}
+        if isinstance(neg, Mapping) and _number(neg.get(fact.label)) is not None:
+            out["negatives"] = neg[fact.label]
+        return out
+    return {"positives_in": "the whole audit set; the fit split's count is not known here"}
 
 
 class _Fields(dict):

@@ -78,7 +78,11 @@ def test_replay_under_the_same_policy_is_identical(recorded: tuple[Path, list[st
     assert facts and all(f.status == "identical" for f in facts)
     assert all(r.same_policy for r in result.runs)
     # The context the rules read is recorded with the facts: replay takes it as it was, with no notes.
-    assert all(r.context == {"has_compression_history": False, "has_parent": False} for r in result.runs)
+    for r in result.runs:
+        assert {k: r.context[k] for k in ("has_compression_history", "has_parent")} == {
+            "has_compression_history": False, "has_parent": False}
+        # the fit split's per-label counts, which partial_retrain's condition reads
+        assert set(r.context["fit_positives"]) == set(CHEXNET_LABELS) == set(r.context["fit_negatives"])
     assert all(not r.context_notes for r in result.runs)
     assert main(["policy", "replay", "--audit", str(db), "--policy", str(DEFAULT)]) == 0
     out = capsys.readouterr().out
@@ -139,7 +143,8 @@ def test_json_shape_and_determinism(recorded: tuple[Path, list[str]], capsys: py
     assert set(fact["under_policy"]["chosen"]) == {"intervention", "cost", "rule", "needs_approval", "reason"}
     assert set(fact["done_then"]) == {"attempts", "outcome"}
     assert doc["runs"][0]["policy_then"]["name"] == "default"
-    assert doc["runs"][0]["context"] == {"has_compression_history": False, "has_parent": False}
+    assert set(doc["runs"][0]["context"]) == {"has_compression_history", "has_parent", "fit_positives",
+                                              "fit_negatives"}
 
 
 def test_unknown_run_and_missing_audit_are_clear_errors(recorded: tuple[Path, list[str]], tmp_path: Path,

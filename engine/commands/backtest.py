@@ -19,7 +19,7 @@ from engine.backtest import (
     write_document,
 )
 from engine.commands.common import check_out_folder
-from engine.console import console, progress_task
+from engine.console import console, plain_output, print_line, progress_task
 from engine.core.errors import EXIT_OK, EXIT_USAGE
 from model.data.faults import FAULT_SYNTAX
 from rules.policy import load_policy
@@ -93,8 +93,33 @@ def _rate(r: dict | None) -> str:
     return "n/a" if not r or not r["n"] else f"{r['k']}/{r['n']} [{r['low']:.0%}-{r['high']:.0%}]"
 
 
+def _rate_lines(s: dict) -> None:
+    """The rates table as unwrapped lines for a log: one per fault kind and contender."""
+    print_line("backtest: rates on the holdout (95 % Wilson intervals)", markup=False)
+    for k in s["fault_kinds"]:
+        for c in s["contenders"]:
+            r = s["by_fault"][k][c]
+            print_line(f"fault {k} contender {c}: n {r['n']}; healed {_rate(r['healed'])}; harmed "
+                       f"{_rate(r['harmed'])}; escalated {_rate(r['escalated'])}; changed {_rate(r['changed'])}; "
+                       f"mean cost {r['mean_cost']:.2f}", markup=False)
+
+
 def _render(doc: dict) -> None:
     s = doc["summary"]
+    if plain_output():
+        _rate_lines(s)
+    else:
+        console.print(_rate_table(s))
+    say = print_line if plain_output() else console.print
+    for e in s["errors"]:
+        say(f"[red]could not run[/] {escape(e['scenario'])} / {escape(e['contender'])}: {escape(e['error'])}")
+    for t in doc["targets"]:
+        unmet = [c["target"] for c in t["checks"] if not c["met"]]
+        say(f"{escape(t['policy'])}: " + ("[green]every target met[/]" if not unmet else
+                                          "[yellow]not met:[/] " + escape("; ".join(unmet))))
+
+
+def _rate_table(s: dict) -> Table:
     table = Table(title="backtest: rates on the holdout (95 % Wilson intervals)")
     for col in ("fault", "contender", "n", "healed", "harmed", "escalated", "changed", "cost"):
         table.add_column(col)
@@ -103,13 +128,7 @@ def _render(doc: dict) -> None:
             r = s["by_fault"][k][c]
             table.add_row(k, c, str(r["n"]), _rate(r["healed"]), _rate(r["harmed"]), _rate(r["escalated"]),
                           _rate(r["changed"]), f"{r['mean_cost']:.2f}")
-    console.print(table)
-    for e in s["errors"]:
-        console.print(f"[red]could not run[/] {escape(e['scenario'])} / {escape(e['contender'])}: {escape(e['error'])}")
-    for t in doc["targets"]:
-        unmet = [c["target"] for c in t["checks"] if not c["met"]]
-        console.print(f"{escape(t['policy'])}: " + ("[green]every target met[/]" if not unmet else
-                                                     "[yellow]not met:[/] " + escape("; ".join(unmet))))
+    return table
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ re-decide recorded runs under it (the computation of ``replay`` is :mod:`engine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
-from engine.console import console
+from engine.console import console, plain_output, print_line
 from engine.core.errors import DataError, PolicyError
 from engine.core.facts import ACTIONABLE_KINDS, IssueFact
 from engine.core.storage import atomic_write_text
@@ -279,12 +280,37 @@ def _issue_cell(f: Any) -> str:
     return "\n".join(lines)
 
 
+def _replay_title(run: Any) -> str:
+    then = run.policy_then
+    return (f"run {run.run_id}" + (f" (instance {run.instance})" if run.instance > 1 else "")
+            + f": decided then under {then.get('name')} ({str(then.get('content_hash'))[:12]}), "
+            f"outcome {run.outcome_then or 'unfinished'}")
+
+
+def _fact_names(f: Any) -> tuple[list[Any], list[str]]:
+    """The decisions shown for a fact and every intervention any of them names, in first-seen order."""
+    views = [v for v in (f.under_p2, f.alternative, f.then) if v is not None]
+    return views, list(dict.fromkeys(c.intervention for v in views for c in v.candidates))
+
+
+def _replay_lines(run: Any, policy_name: str) -> None:
+    """The replay table as unwrapped lines for a log: one per issue, then one per candidate."""
+    print_line(escape(_replay_title(run)))
+    for f in run.facts:
+        print_line("issue " + "; ".join(_issue_cell(f).split("\n")))
+        views, names = _fact_names(f)
+        for name in names:
+            rules = sorted({c.rule for v in views for c in v.candidates if c.intervention == name})
+            alt = (f"; with a compression history {_cost_cell(f.alternative, name)}"
+                   if f.alternative is not None else "")
+            print_line(f"  candidate {escape(name)}: cost then {_cost_cell(f.then, name)}; under "
+                       f"{escape(policy_name)} {_cost_cell(f.under_p2, name)}{alt}; proposed by "
+                       f"{escape(', '.join(rules))}")
+
+
 def _replay_table(run: Any, policy_name: str) -> Table:
     """One row per candidate of each issue: its cost then and under the policy, and the rule that proposed it."""
-    then = run.policy_then
-    title = (f"run {run.run_id}" + (f" (instance {run.instance})" if run.instance > 1 else "")
-             + f": decided then under {then.get('name')} ({str(then.get('content_hash'))[:12]}), "
-             f"outcome {run.outcome_then or 'unfinished'}")
+    title = _replay_title(run)
     alt = any(f.alternative is not None for f in run.facts)
     table = Table(title=escape(title))
     table.add_column("issue", ratio=3, overflow="fold")
@@ -295,8 +321,7 @@ def _replay_table(run: Any, policy_name: str) -> Table:
         table.add_column("(with a compression history)", ratio=2)
     table.add_column("proposed by rule", ratio=3, overflow="fold")
     for f in run.facts:
-        views = [v for v in (f.under_p2, f.alternative, f.then) if v is not None]
-        names = list(dict.fromkeys(c.intervention for v in views for c in v.candidates))
+        views, names = _fact_names(f)
         for i, name in enumerate(names):
             rules = sorted({c.rule for v in views for c in v.candidates if c.intervention == name})
             row = [_issue_cell(f) if i == 0 else "", escape(name), _cost_cell(f.then, name), _cost_cell(f.under_p2, name)]
@@ -331,25 +356,30 @@ def _replay(policy: Any, args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
         return 0
-    console.print(f"[bold]Replay of {len(result.runs)} run(s)[/] from {escape(str(args.audit))} under policy "
-                  f"{escape(policy.name)} version {escape(policy.version)} (sha256 {policy.content_hash[:16]}…); "
-                  "first decisions, from the record alone", highlight=False)
+    plain = plain_output()
+    say = print_line if plain else functools.partial(console.print, highlight=False)
+    say(f"[bold]Replay of {len(result.runs)} run(s)[/] from {escape(str(args.audit))} under policy "
+        f"{escape(policy.name)} version {escape(policy.version)} (sha256 {policy.content_hash[:16]}…); "
+        "first decisions, from the record alone")
     for run in result.runs:
         if run.same_policy:
-            console.print(f"run {run.run_id}: decided then under this same policy", highlight=False)
+            say(f"run {run.run_id}: decided then under this same policy")
         for note in run.context_notes:
-            console.print(f"[yellow]run {run.run_id}: {escape(note)}[/]", highlight=False)
-        if run.facts:
-            console.print(_replay_table(run, policy.name))
-            for f in run.facts:
-                if f.status in ("changed", "undetermined"):
-                    console.print(escape(_change_line(f, policy.name)), highlight=False)
+            say(f"[yellow]run {run.run_id}: {escape(note)}[/]")
+        if not run.facts:
+            say(f"run {run.run_id}: no actionable facts then; nothing to decide")
+            continue
+        if plain:
+            _replay_lines(run, policy.name)
         else:
-            console.print(f"run {run.run_id}: no actionable facts then; nothing to decide", highlight=False)
+            console.print(_replay_table(run, policy.name))
+        for f in run.facts:
+            if f.status in ("changed", "undetermined"):
+                say(escape(_change_line(f, policy.name)))
     for s in result.skipped:
-        console.print(f"[yellow]skipped[/] {escape(s.reason)}", highlight=False)
+        say(f"[yellow]skipped[/] {escape(s.reason)}")
     counts = result.counts()
     total = sum(counts.values())
-    console.print(f"{total} decision(s): " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n)
-                  if total else "no decisions to compare", highlight=False)
+    say(f"{total} decision(s): " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n)
+        if total else "no decisions to compare")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from engine.audit import AuditStore
 from engine.commands.common import add_data_args, check_out_folder, load_data, load_model
-from engine.console import console, err_console, progress_task
+from engine.console import console, err_console, plain_output, print_line, progress_task
 from engine.core.errors import EXIT_NEEDS_APPROVAL, EXIT_OK, EXIT_USAGE
 from engine.triage import EXIT_UNTREATED, TriageOutcome, run_triage
 from rules.policy import Policy, load_policy
@@ -88,57 +89,93 @@ _OUTCOME_STYLE = {
 }
 
 
-def render(outcome: TriageOutcome, *, out_dir: Path, audit_path: Path) -> None:
-    """The final table: issues, candidates, decision, cost, outcome."""
-    d = outcome.decision
+def _steps(tr: dict[str, Any]) -> tuple[list[str], float]:
+    """The attempts of one treatment as ``intervention -> result`` and the cost they spent."""
+    steps, cost = [], 0.0
+    for a in tr["attempts"]:
+        chosen = a.get("chosen")
+        if chosen is None:
+            continue
+        steps.append(f"{chosen['intervention']} -> {a.get('result')}")
+        if a.get("result") in ("accepted", "rejected", "error"):
+            cost += float(chosen.get("cost") or 0.0)
+    return steps, cost
+
+
+def _issue_table(d: dict[str, Any]) -> Table:
+    """The rich table of a terminal: issues, candidates, decision, cost, outcome."""
     table = Table(title=f"triage run {d['run_id']} — policy {escape(d['policy']['name'])}", show_lines=True)
     for col in ("issue", "candidates (cost)", "decision", "cost", "outcome"):
         table.add_column(col, justify="right" if col == "cost" else "left")
-    facts = {f["fact_id"]: f for f in d["facts"]}
     for tr in d["treatments"]:
-        fact = facts.get(tr["fact_id"], {})
         issue = f"[bold]{tr['kind']}[/]\n{escape(tr['label'] or 'model')} ({tr['severity']})"
         first = tr["attempts"][0] if tr["attempts"] else {}
         cands = "\n".join(f"{escape(str(c.get('intervention')))} {_fmt_cost(c.get('cost'))}"
                           for c in first.get("candidates", [])) or "—"
-        steps, cost = [], 0.0
-        for a in tr["attempts"]:
-            chosen = a.get("chosen")
-            if chosen is None:
-                continue
-            steps.append(f"{escape(str(chosen['intervention']))} → {a.get('result')}")
-            if a.get("result") in ("accepted", "rejected", "error"):
-                cost += float(chosen.get("cost") or 0.0)
+        steps, cost = _steps(tr)
         style = _OUTCOME_STYLE.get(tr["outcome"], "white")
-        table.add_row(issue, cands, "\n".join(steps) or "—", _fmt_cost(cost), f"[{style}]{tr['outcome']}[/]")
+        table.add_row(issue, cands, "\n".join(escape(s.replace(" -> ", " → ")) for s in steps) or "—",
+                      _fmt_cost(cost), f"[{style}]{tr['outcome']}[/]")
+    return table
+
+
+def _plain_issues(d: dict[str, Any]) -> None:
+    """One unwrapped line per issue for a log (stdout not a terminal): kind, label, decision, outcome."""
+    print_line(f"triage run {d['run_id']}, policy {d['policy']['name']}: {len(d['treatments'])} actionable "
+               "issue(s)", markup=False)
+    for tr in d["treatments"]:
+        steps, cost = _steps(tr)
+        print_line(f"issue {tr['kind']} {tr['label'] or 'model'} ({tr['severity']}): decision "
+                   f"{', '.join(steps) or 'none'}; cost {_fmt_cost(cost)}; outcome {tr['outcome']}", markup=False)
+
+
+def render(outcome: TriageOutcome, *, out_dir: Path, audit_path: Path) -> None:
+    """The final summary: a table on a terminal, one line per issue in a log; then the closing lines."""
+    d = outcome.decision
+    plain = plain_output()
+
+    def say(text: str, **kw: Any) -> None:
+        if plain:
+            print_line(text)
+        else:
+            console.print(text, **kw)
+
     if d["treatments"]:
-        console.print(table)
+        if plain:
+            _plain_issues(d)
+        else:
+            console.print(_issue_table(d))
     treated_ids = {t["fact_id"] for t in d["treatments"]}
     info = [f for f in d["facts"] if f["fact_id"] not in treated_ids]
     if info:
         by_kind: dict[str, list[str]] = {}
         for f in info:
             by_kind.setdefault(f["kind"], []).append(f.get("label") or "model")
-        console.print("informational: " + "; ".join(
+        say("informational: " + "; ".join(
             f"{kind} ({len(v)}: {', '.join(v[:6])}{' …' if len(v) > 6 else ''})" for kind, v in by_kind.items()),
             highlight=False)
-    m = d["model"]
+    _closing(outcome, audit_path, say)
+
+
+def _closing(outcome: TriageOutcome, audit_path: Path, say: Callable[[str], None]) -> None:
+    """Outcome, model hashes, files written, the audit store and what needs approval."""
+    d, m = outcome.decision, outcome.decision["model"]
     style = {"healthy": "green", "treated": "green", "planned": "cyan", "needs_approval": "yellow"}.get(
         outcome.outcome, "red")
-    console.print(f"outcome: [bold {style}]{outcome.outcome}[/] (exit {outcome.exit_code}); "
-                  f"{len(d['facts'])} fact(s), {len(d['treatments'])} actionable; "
-                  f"verify split {d['data']['verify']['n_images']} images / fit {d['data']['fit']['n_images']}")
-    console.print(f"model {m['before'][:16]} → {m['after'][:16]}" + (" (changed)" if m["changed"] else " (unchanged)"))
-    console.print(f"wrote {outcome.decision_path}" + (f" and {outcome.model_path}" if outcome.model_path else ""))
-    console.print(f"audit: {audit_path}")
+    say(f"outcome: [bold {style}]{outcome.outcome}[/] (exit {outcome.exit_code}); "
+        f"{len(d['facts'])} fact(s), {len(d['treatments'])} actionable; "
+        f"verify split {d['data']['verify']['n_images']} images / fit {d['data']['fit']['n_images']}")
+    say(f"model {m['before'][:16]} → {m['after'][:16]}" + (" (changed)" if m["changed"] else " (unchanged)"))
+    say(escape(f"wrote {outcome.decision_path}" + (f" and {outcome.model_path}" if outcome.model_path else "")))
+    say(escape(f"audit: {audit_path}"))
     if d["remaining_facts"]:
-        console.print(f"[yellow]{len(d['remaining_facts'])} actionable issue(s) still detected on the whole set "
-                      "after this run[/]: " + ", ".join(f"{f['kind']}/{f.get('label') or 'model'}"
-                                                       for f in d["remaining_facts"]))
+        say(f"[yellow]{len(d['remaining_facts'])} actionable issue(s) still detected on the whole set "
+            "after this run[/]: " + ", ".join(f"{f['kind']}/{f.get('label') or 'model'}"
+                                             for f in d["remaining_facts"]))
     approvals = sorted({a["plan"]["intervention"] for t in d["treatments"] for a in t["attempts"]
                         if a.get("result") == "needs_approval"})
     if approvals:
-        console.print("[yellow]needs approval:[/] rerun with " + " ".join(f"--approve {n}" for n in approvals))
+        say("[yellow]needs approval:[/] rerun with " + " ".join(f"--approve {n}" for n in approvals))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,9 +188,8 @@ def run(args: argparse.Namespace) -> int:
     parent = load_model(args.parent) if args.parent else None
     out_dir: Path = args.out
     audit_path: Path = args.audit or out_dir.resolve().parent / "audit.db"
-    console.print(f"Triage of [bold]{escape(args.model.name)}[/] on {len(dataset)} images of {escape(str(args.data))} "
-                  f"(split {dataset.split}) under policy {escape(policy.name)}"
-                  + (" — dry run" if args.dry_run else ""))
+    print_line(f"Triage of [bold]{escape(args.model.name)}[/] on {len(dataset)} images of {escape(str(args.data))} "
+               f"(split {dataset.split}) under policy {escape(policy.name)}" + (" — dry run" if args.dry_run else ""))
     with ExitStack() as stack, AuditStore(audit_path) as audit:
         current: dict[str, Any] = {"stage": None, "cb": None}
 

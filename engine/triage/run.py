@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.audit import AuditStore
 from engine.core.facts import IssueFact
 from engine.core.storage import atomic_write_json, sha256_file
@@ -42,6 +44,7 @@ from engine.triage.verify import MonitorFn, fact_key
 from model.bundle import TOOL_VERSION, Bundle, save_bundle
 from model.data import NIHDataset, patient_disjoint_split
 from model.features import FeatureSet, extract_features
+from model.labels import CHEXNET_LABELS
 from rules.policy import MonitorConfig, Policy
 
 __all__ = [
@@ -218,6 +221,19 @@ def _split_info(fit_ds: NIHDataset, verify_ds: NIHDataset) -> dict[str, Any]:
     }
 
 
+def _fit_counts(fit_ds: NIHDataset) -> dict[str, dict[str, int]]:
+    """Per-label positives and negatives of the fit half: what a retraining will learn from.
+
+    The rules read them (``partial_retrain`` needs ``min_positives`` of each there), so they do not
+    propose a retraining that the plugin then refuses because the whole set had enough and the fit
+    half does not.
+    """
+    y = fit_ds.labels
+    pos = [int(v) for v in y.sum(axis=0, dtype=np.int64)]
+    return {"fit_positives": dict(zip(CHEXNET_LABELS, pos, strict=True)),
+            "fit_negatives": {name: len(y) - p for name, p in zip(CHEXNET_LABELS, pos, strict=True)}}
+
+
 def _prepare(bundle: Bundle, dataset: NIHDataset, policy: Policy, *, seed: int, approve: tuple[str, ...],
              dry_run: bool, parent: Bundle | None, out_dir: Path, monitor_fn: MonitorFn, decide_fn: DecideFn,
              log: RunLog, stages: Stages, model_hash: str, parent_hash: str | None, manifest_hash: str,
@@ -247,7 +263,8 @@ def _prepare(bundle: Bundle, dataset: NIHDataset, policy: Policy, *, seed: int, 
         fit_idx=fit_idx, verify_idx=verify_idx, fit_ds=fit_ds, verify_ds=verify_ds,
         parent_verify=parent_data.subset(verify_idx) if parent_data is not None else None,
         split_info=_split_info(fit_ds, verify_ds),
-        context={"has_compression_history": _has_compression_history(bundle), "has_parent": parent is not None},
+        context={"has_compression_history": _has_compression_history(bundle), "has_parent": parent is not None,
+                 **_fit_counts(fit_ds)},
         budget=Budget(policy.budget.max_attempts_per_issue, policy.budget.max_total_cost),
         current=CurrentModel(bundle=bundle, data=data, hash=model_hash),
     )
