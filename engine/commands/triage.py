@@ -188,8 +188,12 @@ def run(args: argparse.Namespace) -> int:
     parent = load_model(args.parent) if args.parent else None
     out_dir: Path = args.out
     audit_path: Path = args.audit or out_dir.resolve().parent / "audit.db"
-    print_line(f"Triage of [bold]{escape(args.model.name)}[/] on {len(dataset)} images of {escape(str(args.data))} "
-               f"(split {dataset.split}) under policy {escape(policy.name)}" + (" — dry run" if args.dry_run else ""))
+    header = (f"Triage of [bold]{escape(args.model.name)}[/] on {len(dataset)} images of {escape(str(args.data))} "
+              f"(split {dataset.split}) under policy {escape(policy.name)}" + (" — dry run" if args.dry_run else ""))
+    if plain_output():  # a log line is never wrapped
+        print_line(header)
+    else:
+        console.print(header)
     with ExitStack() as stack, AuditStore(audit_path) as audit:
         current: dict[str, Any] = {"stage": None, "cb": None}
 
