@@ -31,18 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.numpy import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.audit import AuditStore  # noqa: E402
 from engine.triage import run_triage  # noqa: E402
 from engine.monitors import MonitorContext, run_monitors  # noqa: E402
-from engine.core.storage import atomic_write_bytes  # noqa: E402
 from model import features as features_module  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.data import load_nih_dataset  # noqa: E402
-from model.features import extract_features  # noqa: E402
+from model.features import extract_features, store_features  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
 from model.nets import arch_config, build_model  # noqa: E402
 from model.train import reference_from_holdout  # noqa: E402
@@ -138,9 +136,7 @@ def _bench(work: Path) -> int:
         logits = bundle.model.classifier(torch.from_numpy(feats)).numpy()
 
     dataset = load_nih_dataset(write_folder(work / "data", labels))
-    names = np.frombuffer(json.dumps(dataset.image_names).encode(), dtype=np.uint8)
-    cache = features_module._cache_path(bundle.weights_hash(), dataset)
-    atomic_write_bytes(cache, save({"features": feats, "logits": logits.astype(np.float32), "names_json": names}))
+    store_features(bundle.weights_hash(), dataset, feats, logits)
 
     def no_backbone(*a, **k):  # the point of the benchmark
         raise AssertionError("the backbone ran: the feature cache was not used")

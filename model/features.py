@@ -28,7 +28,7 @@ from model.data import NIHDataset, manifest_digest, read_images
 from model.metrics import sigmoid
 from model.nets import pooled_features
 
-__all__ = ["FeatureSet", "cache_dir", "to_model_input", "compute_features", "extract_features"]
+__all__ = ["FeatureSet", "cache_dir", "to_model_input", "compute_features", "extract_features", "store_features"]
 
 Progress = Callable[[int, int], None]
 
@@ -157,11 +157,17 @@ def extract_features(
     dataset, images = read_images(dataset, bundle.meta.input_size, skip_bad=skip_bad)
     features, logits = compute_features(bundle, images, batch_size=batch_size, progress=progress)
     if use_cache and not dataset.skipped:
-        names = np.frombuffer(json.dumps(dataset.image_names).encode(), dtype=np.uint8)
         try:
-            digest = np.frombuffer(_digest(features, logits, names).encode(), dtype=np.uint8)
-            atomic_write_bytes(path, save({"features": features, "logits": logits, "names_json": names,
-                                           "sha256": digest}))
+            store_features(wh, dataset, features, logits)
         except StorageError as exc:  # a read-only or full cache folder: the run goes on without the cache
             warnings.warn(f"feature cache not written, running without it: {exc}", RuntimeWarning, stacklevel=2)
     return _from_arrays(dataset, features, logits, wh)
+
+
+def store_features(weights_hash: str, dataset: NIHDataset, features: np.ndarray, logits: np.ndarray) -> Path:
+    """Write one cache entry (rows in ``dataset``'s order, with the digest that lets a reader trust it)."""
+    names = np.frombuffer(json.dumps(dataset.image_names).encode(), dtype=np.uint8)
+    features, logits = np.asarray(features, np.float32), np.asarray(logits, np.float32)
+    digest = np.frombuffer(_digest(features, logits, names).encode(), dtype=np.uint8)
+    return atomic_write_bytes(_cache_path(weights_hash, dataset),
+                              save({"features": features, "logits": logits, "names_json": names, "sha256": digest}))
