@@ -25,18 +25,17 @@ Every interval is paired (same images under both models) from :mod:`model.paired
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine.core.facts import IssueFact
 from engine.triage.run import default_monitor_fn
-from interventions.attribution import head_logits, truth_index
+from engine.triage.verify import treated_features
+from interventions.attribution import truth_index
 from model.bundle import Bundle
 from model.data import NIHDataset
 from model.features import FeatureSet, extract_features
@@ -74,14 +73,8 @@ def _same_backbone(a: Bundle, b: Bundle) -> bool:
 
 
 def _view(after: Bundle, before: Bundle, before_fs: FeatureSet, ds: NIHDataset) -> FeatureSet:
-    wh = after.weights_hash()
-    if wh == before_fs.weights_hash:
-        return before_fs
-    if _same_backbone(after, before):
-        return dataclasses.replace(before_fs.with_logits(head_logits(after, before_fs.features)), weights_hash=wh)
-    fs = extract_features(after, ds)
-    order = {n: i for i, n in enumerate(fs.image_names)}
-    return fs.subset(np.array([order[n] for n in before_fs.image_names]))
+    """``before_fs``'s rows under ``after`` (the verification's own route: cached features where they hold)."""
+    return treated_features(after, _same_backbone(after, before), before_fs, ds)
 
 
 def holdout_views(after: Bundle, before: Bundle, before_views: HoldoutViews | None, holdout: NIHDataset,
