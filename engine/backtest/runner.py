@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ from engine.backtest.judge import HoldoutViews, holdout_views, judge
 from engine.backtest.parts import ScenarioParts, load_source, prepare_parts
 from engine.backtest.scenarios import Scenario, fault_kind, scenario_key
 from engine.core.errors import TriageError
+from engine.core.facts import IssueFact
 from engine.core.storage import atomic_write_json, canonical_json, sha256_bytes
 from engine.triage import TriageOutcome, default_monitor_fn, run_triage
 from model.bundle import Bundle, load_bundle
-from model.features import extract_features
+from model.features import FeatureSet, extract_features
 from rules.policy import Policy
 
 __all__ = ["RESULTS_DIR", "Contender", "contenders", "run_backtest"]
@@ -107,6 +108,14 @@ class _ScenarioState:
     parts: ScenarioParts
     bundle: Bundle
     before: HoldoutViews
+    #: The untreated model on the audit part, and its facts per policy: the baselines share them.
+    audit: FeatureSet
+    audit_facts: dict[str, list[IssueFact]] = field(default_factory=dict)
+
+    def facts_on_audit(self, policy: Policy) -> list[IssueFact]:
+        if policy.content_hash not in self.audit_facts:
+            self.audit_facts[policy.content_hash] = default_monitor_fn(policy)(self.bundle, self.audit)
+        return self.audit_facts[policy.content_hash]
 
 
 def _triage_and_judge(st: _ScenarioState, who: Contender, out: Path, store: AuditStore | None,
@@ -128,9 +137,8 @@ def _triage_and_judge(st: _ScenarioState, who: Contender, out: Path, store: Audi
 
 def _baseline_and_judge(st: _ScenarioState, who: Contender, n_boot: int) -> dict[str, Any]:
     t = time.perf_counter()
-    data = extract_features(st.bundle, st.parts.audit)
-    res = run_baseline(who.baseline or "", st.bundle, data, st.parts.audit, who.policy, st.scenario.seed)
-    facts = default_monitor_fn(who.policy)(st.bundle, data)
+    res = run_baseline(who.baseline or "", st.bundle, st.audit, st.parts.audit, who.policy, st.scenario.seed)
+    facts = st.facts_on_audit(who.policy)
     views = holdout_views(res.bundle, st.bundle, st.before, st.parts.holdout, st.parts.holdout_clean)
     verdict = judge(before=st.bundle, after=res.bundle, fault_kind=fault_kind(st.scenario.fault),
                     expected=st.parts.expected, audit_facts=facts, treated_labels=res.treated_labels,
@@ -210,4 +218,4 @@ def _state(scenario: Scenario, key: str, source: Any, out: Path) -> _ScenarioSta
     parts = prepare_parts(scenario, source, out / "scenarios" / key)
     bundle = load_bundle(scenario.model)
     before = holdout_views(bundle, bundle, None, parts.holdout, parts.holdout_clean)
-    return _ScenarioState(scenario, key, parts, bundle, before)
+    return _ScenarioState(scenario, key, parts, bundle, before, extract_features(bundle, parts.audit))
