@@ -62,7 +62,8 @@ def check_model_files(store: AuditStore) -> ModelFileReport:
             report.notes.append(f"{what} {path} of run {run_id} no longer exists")
             continue
         report.checked += 1
-        if sha256_file(path) != digest and _content_hash(path) != digest:
+        now = sha256_file(path)
+        if now != digest and _content_hash(path) != digest:
             report.problems.append(f"{what} {path} changed since run {run_id} recorded it (recorded hash "
-                                   f"{digest[:16]}…, the file now {sha256_file(path)[:16]}…): edited in place?")
+                                   f"{digest[:16]}…, the file now {now[:16]}…): edited in place?")
     return report

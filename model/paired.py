@@ -30,7 +30,6 @@ __all__ = [
     "paired_rate_delta",
     "paired_statistic",
     "paired_youden_delta",
-    "rate_interval",
     "wilson_interval",
 ]
 
@@ -145,12 +144,6 @@ def paired_statistic(statistic: Callable[[np.ndarray], float], n: int, *, level:
     if bounds is None:
         return _unestimable(level, n, method, "the statistic is undefined on every resample")
     return Interval(_r(point), _r(bounds[0]), _r(bounds[1]), level, n, method)
-
-
-def rate_interval(hits: np.ndarray, *, level: float = 0.95) -> Interval:
-    """A proportion over the rows of a boolean array (e.g. sensitivity over positives), Wilson interval."""
-    hits = np.asarray(hits).astype(bool)
-    return wilson_interval(int(hits.sum()), len(hits), level)
 
 
 def paired_rate_delta(before: np.ndarray, after: np.ndarray, *, level: float = 0.95, n_boot: int = DEFAULT_BOOT,

@@ -26,6 +26,7 @@ from engine.backtest.judge import holdout_views, judge
 from engine.backtest.scenarios import load_scenarios
 from engine.backtest.summary import summarize
 from engine.core.errors import DataError
+from engine.triage import default_monitor_fn
 from model.bundle import save_bundle
 from model.data import load_nih_dataset
 from model.labels import CHEXNET_LABELS
@@ -56,7 +57,7 @@ EXPECT_DRIFT = [{"kind": "calibration_drift", "labels": ["Effusion"]}]
 def _judge(before, after, dataset, policy, expected=EXPECT_DRIFT, treated=("Effusion",), fault_kind="scanner_shift"):
     bv = holdout_views(before, before, None, dataset, dataset)
     av = holdout_views(after, before, bv, dataset, dataset)
-    facts = __import__("engine.triage", fromlist=["default_monitor_fn"]).default_monitor_fn(policy)(before, bv.faulted)
+    facts = default_monitor_fn(policy)(before, bv.faulted)
     return judge(before=before, after=after, fault_kind=fault_kind, expected=expected, audit_facts=facts,
                  treated_labels=list(treated), before_views=bv, after_views=av, policy=policy, n_boot=300)
 
