@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from engine.backtest import (
     scenarios_from_flags,
     write_document,
 )
+from engine.backtest.parts import link_or_copy
 from engine.core.storage import atomic_write_json
 from model.data import load_nih_dataset, patient_disjoint_split
 from model.data.faults import inject_fault
@@ -78,11 +78,7 @@ def _split_folder(nih: Path, out: Path) -> Path:
     (tmp / "images").mkdir(parents=True)
     shutil.copyfile(ds.csv_path, tmp / ds.csv_path.name)
     for i in range(len(ds)):
-        dst = tmp / "images" / ds.image_names[i]
-        try:  # a hard link (not a symlink: the reader refuses images that resolve outside images/)
-            os.link(ds.image_path(i), dst)
-        except OSError:
-            shutil.copyfile(ds.image_path(i), dst)
+        link_or_copy(ds.image_path(i), tmp / "images" / ds.image_names[i])
     (tmp / "train_val_list.txt").write_text("".join(f"{ds.image_names[i]}\n" for i in train_idx))
     (tmp / "test_list.txt").write_text("".join(f"{ds.image_names[i]}\n" for i in test_idx))
     tmp.rename(out)

@@ -60,6 +60,17 @@ def _part_seed(seed: int, part: str) -> int:
     return int(np.random.default_rng([seed, zlib.crc32(part.encode())]).integers(0, 2**31 - 1))
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows one (no second copy of the pixels), else a copy.
+
+    Not a symlink: the dataset reader refuses an image that resolves outside its ``images/``.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _write_subset(ds: NIHDataset, out: Path) -> None:
     """``ds``'s rows as an NIH-layout folder: CSV rows, images (hard links where possible), all in test."""
     if out.is_dir():
@@ -80,10 +91,7 @@ def _write_subset(ds: NIHDataset, out: Path) -> None:
         for i, name in enumerate(ds.image_names):
             dst = tmp / "images" / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(ds.image_path(i), dst)
-            except OSError:
-                shutil.copyfile(ds.image_path(i), dst)
+            link_or_copy(ds.image_path(i), dst)
         (tmp / SPLIT_FILES["test"]).write_text("".join(f"{n}\n" for n in ds.image_names), encoding="utf-8")
         (tmp / SPLIT_FILES["train_val"]).write_text("", encoding="utf-8")
         os.replace(tmp, out)
