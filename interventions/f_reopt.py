@@ -7,6 +7,11 @@ away from its parent even though the parent may still be fine (a ``compression_f
 Re-running the same per-layer reconstruction on the new images -- same kept channels, same
 architecture, only weights change -- restores the fidelity without labels and without training.
 
+The bundle's accepted-fidelity record (``model.compression.accepted``) is kept, not refreshed: it is
+the standard the compression was accepted under, measured on images the re-fits never saw. The
+re-fit's own figures are in-sample (it fits every image it is given), so they would set a standard
+fresh images cannot meet; the verify split judges the re-fit against the record instead.
+
 Needs the parent bundle (``ctx.parent``) and the bundle's ``compress`` history (which channels
 each layer keeps); refuses clearly without either.
 """

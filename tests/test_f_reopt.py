@@ -18,6 +18,7 @@ from interventions.base import TreatmentContext
 from interventions.registry import get_intervention
 from model.bundle import Bundle
 from model.compression import CompressSettings, compress_bundle
+from model.compression.accepted import accepted_fidelity
 from model.data import load_nih_dataset, read_images
 from model.features import FeatureSet, compute_features, to_model_input
 from test_compress import tiny_bundle, write_textures
@@ -77,6 +78,8 @@ def test_f_reopt_restores_fidelity_on_held_out_shifted_images(world):
     assert entry["op"] == "f_reopt" and entry["parent_hash"] == parent.content_hash()
     assert entry["calibration"]["manifest_hash"] == shifted_fit.manifest_hash()
     assert result.fit_metrics["max_abs_dlogit_after"] < result.fit_metrics["max_abs_dlogit_before"]
+    # the accepted fidelity stays the standard the verify split judges the re-fit against
+    assert accepted_fidelity(result.bundle) == accepted_fidelity(comp) is not None
     # ... and it can be applied again (the newest entry carries the plan)
     again = get_intervention("f_reopt").apply(_ctx(result.bundle, shifted_fit, parent))
     assert _dev(again.bundle, result.bundle, shifted_test)[0] < 1e-4

@@ -12,6 +12,7 @@ import torch
 
 from engine.core.errors import DataError
 from model.bundle import Bundle
+from model.compression.accepted import NOTE_KEY, holdout_fidelity
 from model.compression.calibration import Calibration, prepare_calibration
 from model.compression.history import HISTORY_OP, history_entry
 from model.compression.measure import compression_report
@@ -66,6 +67,9 @@ def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk
     )
     summary = {k: report["ratios"][k] for k in ("parameter_reduction", "flop_reduction")}
     summary.update(max_abs_dlogit=report["fidelity"]["max_abs_dlogit"], where=where)
+    # The fidelity later audits compare with (engine/monitors/compression_fidelity.py): always the holdout.
+    summary[NOTE_KEY] = holdout_fidelity(bundle, new, calib.hold, seed=settings.seed,
+                                         where=f"calibration holdout ({len(calib.hold)} images)").to_json()
     new = new.with_meta(notes={**meta.notes, "compression": summary})
     return CompressResult(new, report)
 

@@ -104,11 +104,36 @@ class AurocDropConfig(_Section):
 
 
 class CompressionFidelityConfig(_Section):
-    """The compressed model's logits departed from its parent's on the same images."""
+    """The compressed model departs from its parent more than it did when its compression was accepted.
 
-    max_logit_delta: float = Field(1e-3, ge=0, description="Fire when max |logit - parent logit| exceeds this.")
-    max_flip_rate: float = Field(0.0, ge=0, le=1, description="Severity is high when the share of (image, label) "
-                                 "decisions that flip at the deployed thresholds exceeds this.")
+    A compressed bundle carries the fidelity it was accepted with (mean |delta logit| and the share
+    of decisions that flip at the thresholds, model-wide and per label, with intervals, measured on
+    the calibration holdout). The monitor fires when the audited figure is worse beyond noise: the
+    lower bound of its interval above ``min_ratio`` x the accepted upper bound. A lossy compression
+    never meets the lossless ideal, so the absolute ``max_logit_delta`` bound only applies when set,
+    or to bundles without a record (``legacy_max_logit_delta``).
+    """
+
+    compare_to_accepted: bool = Field(True, description="Compare with the bundle's accepted-fidelity record "
+                                      "(flip rate and mean |delta logit|, model-wide and per label).")
+    level: float = Field(0.95, gt=0.5, lt=1, description="Level of the audited intervals; the per-label ones are "
+                         "Bonferroni-corrected over the labels compared (as the record's are).")
+    min_ratio: float = Field(1.25, ge=1, description="Fire when the audited lower bound exceeds this times the "
+                             "accepted upper bound: a material departure (the holdout is small and its intervals "
+                             "treat images as independent, though a patient's follow-ups look alike).")
+    min_images: int = Field(30, ge=2, description="Fewest audited images for the comparison with the record; "
+                            "with fewer it cannot be assessed (cannot_assess).")
+    n_boot: int = Field(500, ge=20, description="Bootstrap resamples (over images) of the mean |delta logit|.")
+    max_flip_rate: float | None = Field(None, ge=0, le=1, description="Policy bound: fire when the share of "
+                                        "(image, label) decisions that flip at the deployed thresholds exceeds "
+                                        "this beyond noise (Wilson lower bound). Default null: the compression's "
+                                        "acceptance already bounded its flip rate, and the record catches a rise.")
+    max_logit_delta: float | None = Field(None, ge=0, description="Absolute bound: fire when max |logit - parent "
+                                          "logit| exceeds this, record or not (null: not applied when the bundle "
+                                          "has a record).")
+    legacy_max_logit_delta: float = Field(1e-3, ge=0, description="Absolute bound on max |delta logit| for a "
+                                          "bundle without an accepted-fidelity record (compressed before records "
+                                          "existed): the lossless ideal.")
 
 
 class PrevalenceShiftConfig(_Section):
