@@ -17,7 +17,7 @@ monitor                     fires when (thresholds: :class:`MonitorConfig`)
                             from both the TPs and the TNs (a shortcut)
 ``recall_collapse``         recall well below the reference sensitivity (Fisher test)
 ``auroc_drop``              AUROC below reference - tolerance beyond the noise margin
-``compression_fidelity``    compressed logits depart from the parent's on the same images
+``compression_fidelity``    compressed model departs from its parent more than it was accepted with
 ``prevalence_shift``        a label's prevalence differs from the reference (info)
 ``input_drift``             pooled features differ from a reference sample, RBF-MMD (info)
 ==========================  ==================================================================
