@@ -162,6 +162,20 @@ def test_correct_writes_a_bundle_where_only_the_labels_row_differs(world, tmp_pa
     others = [j for j in range(len(bundle.labels)) if j != k]
     assert torch.equal(a["classifier.weight"][others], b["classifier.weight"][others])
     assert 1 <= int((a["classifier.weight"][k] != b["classifier.weight"][k]).sum()) <= 10
+    # the regulator report and the clinical report of the corrected image show the correction
+    ch = first["changes"]
+    html = tmp_path / "run.html"
+    assert main(["audit", "report", str(out), "--audit", str(tmp_path / "audit.db"), "--out", str(html)]) == 0
+    text = html.read_text()
+    for needle in ("Reported false positive", "cli", f"{ch['old_values'][0]:+.5f}", f"{ch['bias_new']:+.5f}",
+                   f"{img['delta_prob']:+.4f}", "bit-identical"):
+        assert needle in text, needle
+    assert main(["report", "--model", str(out / "model.safetensors"), "--image", str(root / "data" / "images" / images[1]),
+                 "--out", str(tmp_path / "clin")]) == 0
+    clinical = (tmp_path / "clin" / f"{Path(images[1]).stem}.html").read_text()
+    for needle in ("Correction of a reported false positive", f"{ch['old_values'][0]:+.5f}", f"{img['delta_prob']:+.4f}",
+                   "Other labels unchanged: checked"):
+        assert needle in clinical, needle
 
 
 def test_correct_help() -> None:
