@@ -58,6 +58,23 @@ PAPER = {"delta_prob_k5": -0.13, "tp_lost": 0, "channels": 5, "wall_time_s": 5.0
 KS = (5, 10)
 
 
+def _cli(*args: str) -> None:
+    cmd = [sys.executable, str(REPO / "cli.py"), *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def _quick_world(work: Path) -> tuple[Path, Path]:
+    """A smoke-test world (never a result): 300 phantoms at 32 px and a tiny DenseNet, one epoch."""
+    data, model = work / "quick_phantoms", work / "quick_model.safetensors"
+    if not (data / "test_list.txt").is_file():
+        _cli("phantom", "--out", str(data), "--n", "300", "--size", "32", "--seed", "1")
+    if not model.is_file():
+        _cli("train", "--data", str(data), "--out", str(model), "--arch", "tiny", "--image-size", "32",
+             "--epochs", "1", "--seed", "1")
+    return model, data
+
+
 def _compressed(name: str, model: Path, data: Path, given: Path | None, work: Path) -> tuple[Path, float | None]:
     """The −50 % model: ``given``, or made with ``cli.py compress`` (its wall time)."""
     if given is not None:
@@ -177,21 +194,26 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--data-{name}", type=Path, default=MODELS[name][1])
         ap.add_argument(f"--compressed-{name}", type=Path, default=None)
     ap.add_argument("--fps", type=int, default=3, help="most confident test false positives per label")
-    ap.add_argument("--min-positives", type=int, default=5)
+    ap.add_argument("--min-positives", type=int, default=None, help="test positives a label needs (default 5; 1 in "
+                    "--quick)")
     ap.add_argument("--work", type=Path, default=REPO / ".bench_work" / "correct")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="smoke test on a tiny phantom world (not a result)")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "correct.json")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    doc: dict[str, Any] = {"bench": "correct", "paper": PAPER, "machine": platform.processor() or platform.machine(),
+    doc: dict[str, Any] = {"bench": "correct", "quick": bool(args.quick), "paper": PAPER, "machine": platform.processor() or platform.machine(),
                            "threads": torch.get_num_threads(), "datasets": {}}
-    for name in args.datasets:
-        model, data = getattr(args, f"model_{name}"), getattr(args, f"data_{name}")
-        compressed, c_time = _compressed(name, model, data, getattr(args, f"compressed_{name}"), args.work)
-        doc["datasets"][name] = _model_rows(name, model, compressed, data, args.fps, args.min_positives)
+    for name in (["quick"] if args.quick else args.datasets):
+        model, data = _quick_world(args.work) if args.quick else (getattr(args, f"model_{name}"),
+                                                                  getattr(args, f"data_{name}"))
+        given = None if args.quick else getattr(args, f"compressed_{name}")
+        compressed, c_time = _compressed(name, model, data, given, args.work)
+        min_pos = args.min_positives if args.min_positives is not None else (1 if args.quick else 5)
+        doc["datasets"][name] = _model_rows(name, model, compressed, data, args.fps, min_pos)
         doc["datasets"][name]["compress_time_s"] = c_time
         print(name, json.dumps(doc["datasets"][name]["summary"], indent=1), flush=True)
     doc["wall_time_s"] = time.perf_counter() - t0
