@@ -3,10 +3,11 @@
 Per model (the 4,000-phantom DenseNet121 and the NIH-sample one) and per label with at least
 ``--min-positives`` (5) test positives, the label's 3 most confident test false positives are each
 reported alone and corrected by :func:`interventions.zeroing_reported.correct_reported` (exactly what
-``cli.py correct`` applies) at k = 5 and k = 10 channels. The fit split is a patient-disjoint half of
-the test split (``correct``'s fit/verify split, seed 0); the figures per image: Δprob, crossed below
-the threshold, true positives lost on the fit half and on the other (verify) half, the label's AUROC
-change on the whole test split, the wall time.
+``cli.py correct`` applies) at k = 5 and k = 10 channels. The fit split (the label's true positives
+that define the attribution baseline and that no correction may lose) is the train_val split: a
+half of the NIH sample's 104 test images holds no true positive of most labels. Per image: Δprob,
+crossed below the threshold, true positives lost on fit (train_val) and on test, the label's test
+AUROC change, the wall time.
 
 Attribution atomicity (the paper's thesis that compression makes it atomic): for the same images,
 the share of positive evidence (the positive part of ``w_c (f_c - mean over the fit TPs)``) carried
@@ -42,7 +43,7 @@ from engine.core.storage import atomic_write_json
 from interventions.attribution import classifier_row, head_logits, truth_index
 from interventions.zeroing_reported import correct_reported, true_positive_rows
 from model.bundle import Bundle, load_bundle
-from model.data import load_nih_dataset, patient_disjoint_split
+from model.data import load_nih_dataset
 from model.features import FeatureSet, extract_features
 from model.labels import CHEXNET_LABELS
 from model.metrics import auroc, sigmoid
@@ -75,8 +76,10 @@ def _quick_world(work: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def _compressed(name: str, model: Path, data: Path, given: Path | None, work: Path) -> tuple[Path, float | None]:
-    """The −50 % model: ``given``, or made with ``cli.py compress`` (its wall time)."""
+def _compressed(name: str, model: Path, data: Path, given: Path | None, work: Path) -> tuple[Path | None, float | None]:
+    """The −50 % model: ``given``, or made with ``cli.py compress`` (its wall time); None: ``--skip-compressed``."""
+    if given is not None and str(given) == "skip":
+        return None, None
     if given is not None:
         return given, None
     out = work / f"{name}_compressed.safetensors"
@@ -109,10 +112,9 @@ def _shares(bundle: Bundle, fit: FeatureSet, feats: np.ndarray, label: str) -> d
     return out | {"n_channels": int(len(w))}
 
 
-def _one(bundle: Bundle, fs: FeatureSet, fit_idx: np.ndarray, ver_idx: np.ndarray, row: int, label: str,
-         k_max: int) -> dict[str, Any]:
-    """One report of one image corrected with at most ``k_max`` channels."""
-    fit, rep = fs.subset(fit_idx), fs.subset(np.array([row]))
+def _one(bundle: Bundle, fit: FeatureSet, fs: FeatureSet, row: int, label: str, k_max: int) -> dict[str, Any]:
+    """One report of test image ``row`` corrected with at most ``k_max`` channels (fit: train_val)."""
+    rep = fs.subset(np.array([row]))
     t = time.perf_counter()
     try:
         fix = correct_reported(bundle, fit, rep, label, max_channels=k_max)
@@ -123,24 +125,25 @@ def _one(bundle: Bundle, fs: FeatureSet, fit_idx: np.ndarray, ver_idx: np.ndarra
     thr = float(bundle.meta.thresholds[k])
     y = fs.labels[:, truth_index(label)].astype(bool)
     before, after = fs.logits[:, k], head_logits(fix.bundle, fs.features)[:, k]
-    pv_b, pv_a = sigmoid(before[ver_idx].astype(np.float64)), sigmoid(after[ver_idx].astype(np.float64))
-    tp_ver_lost = int(((pv_b >= thr) & y[ver_idx] & (pv_a < thr)).sum())
+    pv_b, pv_a = sigmoid(before.astype(np.float64)), sigmoid(after.astype(np.float64))
+    tp_ver_lost = int(((pv_b >= thr) & y & (pv_a < thr)).sum())
     a_b, a_a = _auc(y, before), _auc(y, after)
     img = fix.images[0]
     return {"k": k_max, "n_channels": len(fix.channels), "channels": fix.channels, "delta_prob": img["delta_prob"],
             "prob_before": img["prob_before"], "prob_after": img["prob_after"], "crossed": img["crossed"],
-            "tp_lost_fit": fix.tp_lost, "tp_lost_verify": tp_ver_lost,
+            "tp_lost_fit": fix.tp_lost, "tp_lost_test": tp_ver_lost,
             "auroc_before": a_b, "auroc_after": a_a,
             "auroc_change": (a_a - a_b) if a_b is not None and a_a is not None else None, "wall_time_s": wall}
 
 
-def _model_rows(name: str, model: Path, compressed: Path, data: Path, n_fp: int, min_pos: int) -> dict[str, Any]:
-    ds = load_nih_dataset(data, "test")
-    parent, small = load_bundle(model), load_bundle(compressed)
+def _model_rows(name: str, model: Path, compressed: Path | None, data: Path, n_fp: int, min_pos: int) -> dict[str, Any]:
+    ds, ds_fit = load_nih_dataset(data, "test"), load_nih_dataset(data, "train_val")
+    parent = load_bundle(model)
+    small = load_bundle(compressed) if compressed is not None else parent  # skipped: recorded as not measured
     t = time.perf_counter()
-    fs, fs_c = extract_features(parent, ds), extract_features(small, ds)
+    fs, fit = extract_features(parent, ds), extract_features(parent, ds_fit)
+    fs_c, fit_c = (extract_features(small, ds), extract_features(small, ds_fit)) if compressed is not None else (fs, fit)
     feat_s = time.perf_counter() - t
-    fit_idx, ver_idx = patient_disjoint_split(ds, 0.5, 0)
     rows = []
     for label in parent.labels:
         if label not in CHEXNET_LABELS:
@@ -153,18 +156,19 @@ def _model_rows(name: str, model: Path, compressed: Path, data: Path, n_fp: int,
         fps = np.flatnonzero((p >= parent.meta.thresholds[k]) & ~y)
         for i in fps[np.argsort(-p[fps], kind="stable")][:n_fp]:
             rows.append({"label": label, "image": fs.image_names[i], "positives": int(y.sum()),
-                         "corrections": [_one(parent, fs, fit_idx, ver_idx, int(i), label, kk) for kk in KS],
-                         "compressed_k5": _one(small, fs_c, fit_idx, ver_idx, int(i), label, 5),
-                         "atomicity": {"parent": _shares(parent, fs.subset(fit_idx), fs.features[i], label),
-                                       "compressed": _shares(small, fs_c.subset(fit_idx), fs_c.features[i], label)}})
+                         "corrections": [_one(parent, fit, fs, int(i), label, kk) for kk in KS],
+                         "compressed_k5": _one(small, fit_c, fs_c, int(i), label, 5),
+                         "atomicity": {"parent": _shares(parent, fit, fs.features[i], label),
+                                       "compressed": _shares(small, fit_c, fs_c.features[i], label)}})
     return {"model": str(model), "compressed": str(compressed), "data": str(data), "n_test": len(ds),
-            "n_fit": int(len(fit_idx)), "n_verify": int(len(ver_idx)), "feature_time_s": feat_s,
+            "n_fit": len(fit), "fit_split": "train_val", "feature_time_s": feat_s,
             "parameters": {"parent": sum(p.numel() for p in parent.model.parameters()),
-                           "compressed": sum(p.numel() for p in small.model.parameters())},
-            "rows": rows, "summary": _summary(rows)}
+                           "compressed": (sum(p.numel() for p in small.model.parameters())
+                                          if compressed is not None else None)},
+            "rows": rows, "summary": _summary(rows, measured_compressed=compressed is not None)}
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(rows: list[dict[str, Any]], measured_compressed: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"n_images": len(rows), "n_labels": len({r["label"] for r in rows})}
     for j, kk in enumerate(KS):
         ok = [r["corrections"][j] for r in rows if "error" not in r["corrections"][j]]
@@ -173,7 +177,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "median_delta_prob": float(np.median([c["delta_prob"] for c in ok])) if ok else None,
             "crossed": sum(c["crossed"] for c in ok),
             "tp_lost_fit": sum(max(c["tp_lost_fit"], 0) for c in ok),
-            "tp_lost_verify": sum(c["tp_lost_verify"] for c in ok),
+            "tp_lost_test": sum(c["tp_lost_test"] for c in ok),
             "median_auroc_change": (float(np.median([c["auroc_change"] for c in ok if c["auroc_change"] is not None]))
                                     if any(c["auroc_change"] is not None for c in ok) else None),
             "max_wall_time_s": max((c["wall_time_s"] for c in ok), default=None)}
@@ -183,6 +187,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"share_top{n}_{model}"] = float(np.median(vals)) if vals else None
     c5 = [r["compressed_k5"] for r in rows if "error" not in r["compressed_k5"]]
     out["compressed_k5_median_delta_prob"] = float(np.median([c["delta_prob"] for c in c5])) if c5 else None
+    if not measured_compressed:
+        for key in [k for k in out if k.endswith("_compressed") or k.startswith("compressed_")]:
+            out[key] = None
+        out["compressed_reason"] = "not measured (--compressed-NAME skip)"
     return out
 
 
@@ -192,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in MODELS:
         ap.add_argument(f"--model-{name}", type=Path, default=MODELS[name][0])
         ap.add_argument(f"--data-{name}", type=Path, default=MODELS[name][1])
-        ap.add_argument(f"--compressed-{name}", type=Path, default=None)
+        ap.add_argument(f"--compressed-{name}", type=Path, default=None,
+                        help="its -50 %% model (default: made with cli.py compress; 'skip': no atomicity comparison)")
     ap.add_argument("--fps", type=int, default=3, help="most confident test false positives per label")
     ap.add_argument("--min-positives", type=int, default=None, help="test positives a label needs (default 5; 1 in "
                     "--quick)")

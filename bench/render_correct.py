@@ -23,9 +23,9 @@ def section_correct(data: dict[str, Any]) -> list[str]:
     paper = data.get("paper") or {}
     lines = [f"Paper: Δprob {paper.get('delta_prob_k5', DASH)} with {paper.get('channels', 5)} channels, "
              f"{paper.get('tp_lost', 0)} true positives lost. Each image is one report, corrected alone "
-             "(`interventions.zeroing_reported.correct_reported`, what `cli.py correct` applies); fit split: a "
-             "patient-disjoint half of the test split.", ""]
-    lines += ["| model | k | images | median Δprob | crossed | TPs lost fit / verify | median AUROC change "
+             "(`interventions.zeroing_reported.correct_reported`, what `cli.py correct` applies); false positives and TPs "
+             "lost on the test split, the attribution baseline (the label's TPs) and fit TPs lost on train_val.", ""]
+    lines += ["| model | k | images | median Δprob | crossed | TPs lost fit / test | median AUROC change "
               "| slowest (s) | paper |", "|---|---|---|---|---|---|---|---|---|"]
     for name, d in (data.get("datasets") or {}).items():
         s = d.get("summary") or {}
@@ -34,7 +34,7 @@ def section_correct(data: dict[str, Any]) -> list[str]:
             ref = f"Δprob {paper.get('delta_prob_k5')}, 0 TP lost" if k == 5 else DASH
             lines.append(f"| {name} | {k} | {r.get('n', DASH)} ({s.get('n_labels', DASH)} labels) | "
                          f"{_f(r.get('median_delta_prob'), '+.3f')} | {r.get('crossed', DASH)}/{r.get('n', DASH)} | "
-                         f"{r.get('tp_lost_fit', DASH)} / {r.get('tp_lost_verify', DASH)} | "
+                         f"{r.get('tp_lost_fit', DASH)} / {r.get('tp_lost_test', DASH)} | "
                          f"{_f(r.get('median_auroc_change'), '+.4f')} | {_f(r.get('max_wall_time_s'), '.2f')} | {ref} |")
     lines += ["", "Attribution atomicity: median share of an image's positive evidence (against the label's fit "
               "TPs) carried by its top channels.", "",
@@ -46,4 +46,6 @@ def section_correct(data: dict[str, Any]) -> list[str]:
                      f"{_f(s.get('share_top5_parent'), '.1%')} | {_f(s.get('share_top5_compressed'), '.1%')} | "
                      f"{_f(s.get('share_top10_parent'), '.1%')} | {_f(s.get('share_top10_compressed'), '.1%')} | "
                      f"{_f(s.get('compressed_k5_median_delta_prob'), '+.3f')} |")
+    if data.get("note"):
+        lines += ["", f"Note: {data['note']}."]
     return lines
