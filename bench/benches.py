@@ -96,6 +96,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("backtest", "Backtest: heal / harm on held-out patients, policies against baselines", "bench/bench_backtest.py",
           args=("--datasets", "phantom", "nih", "--seeds-phantom", "10", "--seeds-nih", "5"),
           quick_args=("--quick", "--datasets", "phantom"), workdir_flag="--work"),
+    Bench("correct", "Correcting a reported false positive: zeroing at k = 5 / 10, attribution atomicity",
+          "bench/bench_correct.py", args=(), quick_args=("--quick",), workdir_flag="--work"),
 )
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from render_backtest import section_backtest  # noqa: E402
+from render_correct import section_correct  # noqa: E402
 
 from benches import BENCHES, REPO, RESULTS, RESULTS_MD, Bench, display_path  # noqa: E402
 from engine.core.storage import atomic_write_text  # noqa: E402
@@ -453,6 +454,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "interventions": section_interventions,
     "compress": section_compress,
     "backtest": section_backtest,
+    "correct": section_correct,
 }
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "evidence_channels",
     "evidence_members",
     "finite_or_none",
+    "zero_row_weights",
 ]
 
 
@@ -168,3 +169,25 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def zero_row_weights(bundle: Bundle, k_out: int, chosen: list[int], w: np.ndarray,
+                     baseline: np.ndarray) -> tuple[Bundle, list[float], float, float]:
+    """A copy of ``bundle`` with ``chosen`` weights of row ``k_out`` zeroed and their baseline in the bias.
+
+    Returns the copy, the old weights, and the bias before and after (as stored, float32).
+    """
+    new = bundle.copy()
+    head = classifier_layer(new)
+    old_values = [float(v) for v in head.weight.detach()[k_out, chosen].cpu()]
+    bias_old = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0
+    bias_new = bias_old + float(np.dot(w[chosen], baseline[chosen]))
+    with torch.no_grad():
+        head.weight[k_out, chosen] = 0.0
+        if head.bias is not None:
+            head.bias[k_out] = bias_new
+        elif bias_new != bias_old:
+            raise InterventionError("zeroing: the classifier has no bias to take the channels' baseline; "
+                                    "use compensate_bias: false")
+    bias_new = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0  # as stored (float32)
+    return new, old_values, bias_old, bias_new

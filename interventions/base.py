@@ -53,6 +53,9 @@ class TreatmentContext:
     #: The uncompressed parent, when the bundle records one and it is available (for f_reopt).
     parent: Bundle | None = None
     progress: Callable[[int, int], None] | None = None
+    #: For a ``reported_fp`` fact: the reported images' cached features under ``bundle``, from the whole
+    #: audited set (the fit/verify split may have put them on either side), in the fact's order.
+    reported: FeatureSet | None = None
 
 
 @dataclass

@@ -203,7 +203,7 @@ class PartialRetrainIntervention(Intervention):
     """Re-fit classifier rows on cached features with an L2 pull toward the current weights."""
 
     name = "partial_retrain"
-    treats = ("fp_cluster", "calibration_drift", "recall_collapse", "auroc_drop")
+    treats = ("fp_cluster", "calibration_drift", "recall_collapse", "auroc_drop", "reported_fp")
     expected_time_s = 5.0
     classifier_only = True
 
@@ -308,7 +308,8 @@ def _cluster_weights(ctx: TreatmentContext, params: PartialRetrainIntervention.P
                      y: np.ndarray) -> np.ndarray | None:
     """Per-sample weights that give an fp_cluster fact's members ``cluster_weight`` in its label's row."""
     members = evidence_members(ctx.fact.evidence)
-    if ctx.fact.kind == "fp_cluster" and members and params.cluster_weight != 1.0 and ctx.fact.label in targets:
+    if (ctx.fact.kind in ("fp_cluster", "reported_fp") and members and params.cluster_weight != 1.0
+            and ctx.fact.label in targets):
         extra = np.ones_like(y)
         in_cluster = np.array([n in members for n in ctx.fit.image_names])
         extra[in_cluster, targets.index(ctx.fact.label)] = params.cluster_weight
@@ -333,7 +334,7 @@ def _refit_threshold(params: PartialRetrainIntervention.Params, kind: str, y: np
     """The new operating threshold of one row, and the rule that gave it (see ``threshold_rule``)."""
     rule = params.threshold_rule
     if rule == "auto":
-        rule = "keep_sensitivity" if kind == "fp_cluster" else "youden"
+        rule = "keep_sensitivity" if kind in ("fp_cluster", "reported_fp") else "youden"
     new_thr = None
     if rule == "keep_sensitivity":
         sens = confusion_at(y, sigmoid(before_logits.astype(np.float64)), old_thr)["sensitivity"]

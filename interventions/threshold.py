@@ -140,7 +140,7 @@ class ThresholdIntervention(Intervention):
     """Refit per-label operating thresholds on the fit split (no weight changes)."""
 
     name = "threshold"
-    treats = ("calibration_drift", "recall_collapse")
+    treats = ("calibration_drift", "recall_collapse", "reported_fp")
     expected_time_s = 0.5
     classifier_only = True
 
@@ -152,6 +152,9 @@ class ThresholdIntervention(Intervention):
         fn_cost: float | None = Field(None, gt=0)
         fp_cost: float | None = Field(None, gt=0)
         scope: Literal["label", "all"] = "label"
+        #: ``reported_fp`` only: fit-split true positives the new threshold (just above the reported
+        #: images) may lose; more refuses the change before it reaches verification.
+        max_tp_lost: int = Field(0, ge=0)
 
         @model_validator(mode="after")
         def _method_needs(self) -> ThresholdIntervention.Params:
@@ -179,6 +182,10 @@ class ThresholdIntervention(Intervention):
         return [ctx.fact.label] if ctx.fact.label is not None else []
 
     def _applicable(self, ctx: TreatmentContext, params: ThresholdIntervention.Params) -> tuple[bool, str]:
+        if ctx.fact.kind == "reported_fp":
+            if ctx.reported is None or len(ctx.reported) == 0 or ctx.fact.label not in ctx.bundle.labels:
+                return False, "the reported images' features were not given (ctx.reported)"
+            return True, f"threshold moves {ctx.fact.label}'s operating point just above the reported image(s)"
         targets = self._targets(ctx, params.scope)
         if not targets:
             return False, "the fact names no label and scope is 'label'"
@@ -194,6 +201,8 @@ class ThresholdIntervention(Intervention):
 
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
         params = self.read_params(ctx.params)
+        if ctx.fact.kind == "reported_fp":
+            return _reported_threshold(ctx, params)
         method = params.method
         extra = params.method_args()
         logits = np.asarray(ctx.fit.logits, dtype=np.float64).copy()
@@ -255,3 +264,32 @@ class ThresholdIntervention(Intervention):
         changes = {"op": "set_threshold", "method": method, "scope": params.scope, **extra,
                    "thresholds": changed, "logit_shifts": shifts, "skipped_single_class": skipped}
         return InterventionResult(bundle=new_bundle, changes=changes, fit_metrics=fit_metrics, classifier_only=True)
+
+
+def _reported_threshold(ctx: TreatmentContext, params: ThresholdIntervention.Params) -> InterventionResult:
+    """``reported_fp``: the lowest threshold above every reported image's probability, refused when it
+    loses more than ``max_tp_lost`` true positives on the fit split (shown, not assumed)."""
+    label = ctx.fact.label
+    k = ctx.bundle.labels.index(label)
+    old = float(ctx.bundle.meta.thresholds[k])
+    p_rep = sigmoid(np.asarray(ctx.reported.logits[:, k], dtype=np.float64))
+    new = float(np.nextafter(max(float(p_rep.max()), old), 1.0))
+    y = ctx.fit.labels[:, truth_index(label)].astype(bool)
+    p_fit = sigmoid(np.asarray(ctx.fit.logits[:, k], dtype=np.float64))
+    tp_before, tp_after = int(((p_fit >= old) & y).sum()), int(((p_fit >= new) & y).sum())
+    if tp_before - tp_after > params.max_tp_lost:
+        raise InterventionError(
+            f"threshold: {old:.4g} -> {new:.4g} (just above the reported image(s)) loses {tp_before - tp_after} of "
+            f"{tp_before} true positives of {label} on the fit split (allowed {params.max_tp_lost})")
+    thresholds = list(ctx.bundle.meta.thresholds)
+    thresholds[k] = new
+    entry = {"op": "set_threshold", "label": label, "old": old, "new": new, "method": "above_reported",
+             "reason": "reported_fp"}
+    images = [{"image": n, "prob": float(p), "crossed": bool(p < new)} for n, p in zip(ctx.reported.image_names, p_rep)]
+    new_bundle = ctx.bundle.copy().with_meta(thresholds=thresholds, history=list(ctx.bundle.meta.history) + [entry],
+                                             parent_hash=ctx.bundle.content_hash())
+    fp = {"before": int(((p_fit >= old) & ~y).sum()), "after": int(((p_fit >= new) & ~y).sum())}
+    fit_metrics = {label: {"tp": {"before": tp_before, "after": tp_after}, "tp_lost": tp_before - tp_after, "fp": fp}}
+    changes = {"op": "set_threshold", "method": "above_reported", "thresholds": [{"label": label, "old": old,
+               "new": new, "method": "above_reported"}], "reported_images": images}
+    return InterventionResult(bundle=new_bundle, changes=changes, fit_metrics=fit_metrics, classifier_only=True)

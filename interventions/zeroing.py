@@ -40,16 +40,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from engine.core.errors import InterventionError
 from interventions.attribution import (
     check_features_match, classifier_layer, classifier_row, contributions, evidence_channels, evidence_members,
-    head_logits, output_index, truth_index,
+    head_logits, output_index, truth_index, zero_row_weights,
 )
 from interventions.base import Intervention, InterventionParams, InterventionResult, TreatmentContext
+from interventions.zeroing_reported import correct_reported
 from model.bundle import Bundle
+from model.features import FeatureSet
 from model.metrics import auroc, logit, sigmoid
 
 __all__ = ["ZeroingIntervention", "ClusterOnFit", "resolve_cluster", "select_channels"]
@@ -180,28 +181,6 @@ def _baseline(features: np.ndarray, reference: np.ndarray, compensate_bias: bool
     return np.zeros(features.shape[1])
 
 
-def _zero_row(bundle: Bundle, k_out: int, chosen: list[int], w: np.ndarray,
-              baseline: np.ndarray) -> tuple[Bundle, list[float], float, float]:
-    """A copy of ``bundle`` with ``chosen`` weights of row ``k_out`` zeroed and their baseline in the bias.
-
-    Returns the copy, the old weights, and the bias before and after (as stored, float32).
-    """
-    new = bundle.copy()
-    head = classifier_layer(new)
-    old_values = [float(v) for v in head.weight.detach()[k_out, chosen].cpu()]
-    bias_old = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0
-    bias_new = bias_old + float(np.dot(w[chosen], baseline[chosen]))
-    with torch.no_grad():
-        head.weight[k_out, chosen] = 0.0
-        if head.bias is not None:
-            head.bias[k_out] = bias_new
-        elif bias_new != bias_old:
-            raise InterventionError("zeroing: the classifier has no bias to take the channels' baseline; "
-                                    "use compensate_bias: false")
-    bias_new = float(head.bias.detach()[k_out]) if head.bias is not None else 0.0  # as stored (float32)
-    return new, old_values, bias_old, bias_new
-
-
 def _effect(ctx: TreatmentContext, new: Bundle, k_out: int, cluster: ClusterOnFit, thr: float) -> _Effect:
     """Logits and label probabilities before/after on the fit split; other labels must be bit-identical."""
     feats = ctx.fit.features
@@ -239,7 +218,7 @@ class ZeroingIntervention(Intervention):
     """Zero the few classifier weights of one label that drive a false-positive cluster."""
 
     name = "zeroing"
-    treats = ("fp_cluster",)
+    treats = ("fp_cluster", "reported_fp")
     expected_time_s = 2.0
     classifier_only = True
 
@@ -265,6 +244,8 @@ class ZeroingIntervention(Intervention):
             classifier_layer(ctx.bundle)
         except InterventionError as exc:
             return False, str(exc)
+        if ctx.fact.kind == "reported_fp":
+            return _reported_applicable(ctx)
         ev = ctx.fact.evidence
         if not evidence_members(ev) and not evidence_channels(ev):
             return False, "the fact carries neither cluster members nor classifier channels as evidence"
@@ -295,6 +276,8 @@ class ZeroingIntervention(Intervention):
     def _apply(self, ctx: TreatmentContext) -> InterventionResult:
         params = self.read_params(ctx.params)
         check_features_match(ctx.bundle, ctx.fit)
+        if ctx.fact.kind == "reported_fp":
+            return _apply_reported(ctx, params)
         label = ctx.fact.label
         k_out, w, b = classifier_row(ctx.bundle, label)
         y = ctx.fit.labels[:, truth_index(label)].astype(bool)
@@ -312,7 +295,7 @@ class ZeroingIntervention(Intervention):
                 f"{len(cluster.rows)} false positives on the fit split: {stop}"
             )
         chosen = sorted(chosen)
-        new, old_values, bias_old, bias_new = _zero_row(ctx.bundle, k_out, chosen, w, baseline)
+        new, old_values, bias_old, bias_new = zero_row_weights(ctx.bundle, k_out, chosen, w, baseline)
         effect = _effect(ctx, new, k_out, cluster, thr)
         if effect.tp_lost > params.max_tp_lost:
             raise InterventionError(f"zeroing: {effect.tp_lost} true positives of {label} lost on the fit split "
@@ -343,3 +326,52 @@ class ZeroingIntervention(Intervention):
         return InterventionResult(bundle=new, changes=changes, fit_metrics=_fit_metrics(label, y, k_out, cluster,
                                                                                         effect, thr),
                                   classifier_only=True)
+
+
+def _still_positive(ctx: TreatmentContext) -> FeatureSet | None:
+    """The reported images the current model still predicts positive for the fact's label (None: none given)."""
+    if ctx.reported is None or len(ctx.reported) == 0:
+        return None
+    k = output_index(ctx.bundle, ctx.fact.label)
+    probs = sigmoid(ctx.reported.logits[:, k].astype(np.float64))
+    return ctx.reported.subset(np.flatnonzero(probs >= float(ctx.bundle.meta.thresholds[k])))
+
+
+def _reported_applicable(ctx: TreatmentContext) -> tuple[bool, str]:
+    positive = _still_positive(ctx)
+    if positive is None:
+        return False, "the reported images' features were not given (ctx.reported)"
+    if len(positive) == 0:
+        return False, f"every reported image is already below the {ctx.fact.label} threshold"
+    return True, (f"zeroing searches {ctx.fact.label}'s classifier row for the channels behind "
+                  f"{len(positive)} reported false positive(s)")
+
+
+def _apply_reported(ctx: TreatmentContext, params: ZeroingIntervention.Params) -> InterventionResult:
+    """Zeroing for a ``reported_fp`` fact (:mod:`interventions.zeroing_reported`)."""
+    label = ctx.fact.label
+    positive = _still_positive(ctx)
+    if positive is None or len(positive) == 0:
+        raise InterventionError(f"zeroing: no reported image is predicted {label}")
+    fix = correct_reported(ctx.bundle, ctx.fit, positive, label, max_channels=params.max_channels,
+                           max_tp_lost=params.max_tp_lost, tp_margin=params.tp_margin,
+                           compensate_bias=params.compensate_bias)
+    if fix.tp_lost > params.max_tp_lost:
+        raise InterventionError(f"zeroing: {fix.tp_lost} true positives of {label} lost on the fit split "
+                                f"(allowed {params.max_tp_lost})")
+    reports = [r for r in ctx.fact.evidence.get("reports") or [] if r.get("image") in set(positive.image_names)]
+    op = {"op": "zero_classifier_weights", "label": label, "row": fix.row, "channels": fix.channels,
+          "old_values": fix.old_values, "value": 0.0, "bias_old": fix.bias_old, "bias_new": fix.bias_new,
+          "baseline": (f"mean of the zeroed channels over the {fix.tp_before} true positives of {label} on the fit "
+                       "split" if params.compensate_bias else "none (plain zeroing)"),
+          "reason": "reported_fp", "reports": reports, "reported_images": fix.images,
+          "other_labels_logits_identical": {"identical": True, "images_checked": fix.n_checked,
+                                            "on": "the fit split and the reported images"}}
+    new = fix.bundle.with_meta(history=list(ctx.bundle.meta.history) + [op], parent_hash=ctx.bundle.content_hash())
+    changes = {**op, "n_channels": len(fix.channels), "selection": fix.trace, "stopped": fix.stop,
+               "all_crossed": fix.all_crossed, "params": params.model_dump()}
+    fit_metrics = {label: {"tp": {"before": fix.tp_before, "after": fix.tp_after}, "tp_lost": fix.tp_lost,
+                           "auroc": {"before": fix.auroc_before, "after": fix.auroc_after},
+                           "reported_images": fix.images},
+                   "other_labels_logits_identical": True}
+    return InterventionResult(bundle=new, changes=changes, fit_metrics=fit_metrics, classifier_only=True)

@@ -245,7 +245,8 @@ def decide(
         raise ValueError(f"The 'run_id' parameter of decide must be a non-empty string. Got {run_id!r} instead.")
     exclude = exclude or {}
     actionable = [(seq, f) for seq, f in enumerate(facts) if f.actionable]
-    records = [issue_record(f, seq=seq, run_id=run_id, policy=policy, context=context) for seq, f in actionable]
+    records = [issue_record(f, seq=seq, run_id=run_id, policy=policy, context=context,
+                            tried=exclude.get(f.fact_id, ())) for seq, f in actionable]
     proposed, blocked = _by_fact(_run_rules(records, policy, run_id), actionable)
     return [_decision(fact, proposed.get(seq, []), blocked.get(seq, []), set(exclude.get(fact.fact_id, ())), policy)
             for seq, fact in actionable]

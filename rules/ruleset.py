@@ -22,6 +22,10 @@ Conditions (all read fields of the record built by :func:`issue_record`):
   the plugin learns from when the context gives ``fit_positives`` / ``fit_negatives`` (then the
   negatives must reach ``min_positives`` too, as the plugin requires), else the fact's count on the
   whole audit set (replay of stores that did not record the fit counts).
+* ``threshold`` on a ``reported_fp`` fact - also zeroing first: a threshold moved above one reported
+  image changes every image's decision on the label, so it is proposed only once zeroing was tried
+  (``zeroing_tried``), or where zeroing cannot be proposed (the policy does not allow it for the kind,
+  or more than ``max_channels`` channels are needed).
 * ``f_reopt`` - the bundle has a compression history (``context["has_compression_history"]``),
   unless ``conditions.f_reopt.require_compression_history`` is false.
 * ``augmentation``, ``full_retrain`` and plugins: no conditions here (a plugin's own
@@ -31,7 +35,7 @@ Conditions (all read fields of the record built by :func:`issue_record`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,10 +156,26 @@ _COMPRESSION_HISTORY = Condition(
 )
 
 
-def conditions_for(intervention: str, policy: Policy) -> tuple[Condition, ...]:
-    """The applicability conditions the rules attach to ``intervention`` under ``policy``."""
+_ZEROING_FIRST = Condition(
+    name="zeroing_first",
+    words="zeroing tried first, or not proposable (a reported false positive: the surgical change before "
+          "a new operating point for every image)",
+    holds_reason="zeroing was tried or cannot be proposed (tried: {zeroing_tried}, allowed: {zeroing_allowed}, "
+                 "channels needed {n_channels_needed}, max_channels {max_channels})",
+    holds=lambda: ((m.zeroing_tried == True) | (m.zeroing_allowed == False) | -m.n_channels_needed  # noqa: E712
+                   | (m.n_channels_needed > m.max_channels)),
+    fails=(
+        ("zeroing ({n_channels_needed} channel(s), max_channels {max_channels}) is tried first on a reported false "
+         "positive", lambda: ((m.zeroing_tried == False) & (m.zeroing_allowed == True)  # noqa: E712
+                              & (m.n_channels_needed <= m.max_channels))),
+    ),
+)
+
+
+def conditions_for(intervention: str, policy: Policy, kind: str | None = None) -> tuple[Condition, ...]:
+    """The applicability conditions the rules attach to ``intervention`` for ``kind`` under ``policy``."""
     if intervention == "threshold":
-        return (_RANKING,)
+        return (_RANKING, _ZEROING_FIRST) if kind == "reported_fp" else (_RANKING,)
     if intervention == "zeroing":
         return (_FEW_CHANNELS,)
     if intervention == "partial_retrain":
@@ -167,7 +187,7 @@ def conditions_for(intervention: str, policy: Policy) -> tuple[Condition, ...]:
 
 def rule_specs(policy: Policy) -> list[RuleSpec]:
     """One propose rule per allowed (kind, intervention) pair, in a stable order."""
-    return [RuleSpec(kind, name, conditions_for(name, policy))
+    return [RuleSpec(kind, name, conditions_for(name, policy, kind))
             for kind in sorted(policy.treatments) for name in sorted(policy.treatments[kind])]
 
 
@@ -193,12 +213,13 @@ def _first(fact: IssueFact, key: str, *sections: str) -> Any:
 
 
 def issue_record(fact: IssueFact, *, seq: int, run_id: str, policy: Policy,
-                 context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 context: Mapping[str, Any] | None = None, tried: Collection[str] = ()) -> dict[str, Any]:
     """The flat JSON fact asserted for ``fact``: what the rules may test, plus the label's limits.
 
     Unknown values are left out (rules test their absence with ``-m.field``) rather than given a
     sentinel that a comparison could mistake for data. ``run_id``, ``fact_id`` and ``seq`` make
-    every record unique, so durable-rules never sees the same message twice.
+    every record unique, so durable-rules never sees the same message twice. ``tried``: interventions
+    already tried on the fact (a ``reported_fp`` record says whether zeroing was).
     """
     context = context or {}
     cond = policy.conditions_for(fact.label)
@@ -232,6 +253,9 @@ def issue_record(fact: IssueFact, *, seq: int, run_id: str, policy: Policy,
         if value is not None:
             record[key] = value
     record.update(_fit_counts(fact, context))
+    if fact.kind == "reported_fp":
+        record["zeroing_tried"] = "zeroing" in tried
+        record["zeroing_allowed"] = "zeroing" in policy.treatments_for(fact.kind)
     return record
 
 

@@ -429,9 +429,9 @@ def test_cli_validate_refuses_a_pair_its_plugin_does_not_treat(capsys: pytest.Ca
     assert main(["policy", "validate", str(bad)]) == 1
     err = " ".join(capsys.readouterr().err.split())
     for line in (f"{bad}: ==> At key: treatments ==> At key: recall_collapse: zeroing does not treat recall_collapse "
-                 "(it treats fp_cluster)",
+                 "(it treats fp_cluster, reported_fp)",
                  f"{bad}: ==> At key: treatments ==> At key: compression_fidelity: threshold does not treat "
-                 "compression_fidelity (it treats calibration_drift, recall_collapse)"):
+                 "compression_fidelity (it treats calibration_drift, recall_collapse, reported_fp)"):
         assert line in err, err
     assert "Traceback" not in err and "augmentation" not in err  # the default pairs it fills in are all treatable
     for shipped in (DEFAULT, CHEAP):

@@ -58,10 +58,10 @@ def _ctx(bundle, fit, params=None, fact=None) -> TreatmentContext:
 def test_registered_with_its_contract() -> None:
     assert available_interventions()["threshold"] is ThresholdIntervention
     plugin = get_intervention("threshold")
-    assert set(plugin.treats) == {"calibration_drift", "recall_collapse"} and plugin.classifier_only
+    assert set(plugin.treats) == {"calibration_drift", "recall_collapse", "reported_fp"} and plugin.classifier_only
     assert plugin.Params is ThresholdIntervention.Params
     assert plugin.read_params({}).model_dump() == {"method": "youden", "target": None, "fn_cost": None,
-                                                   "fp_cost": None, "scope": "label"}
+                                                   "fp_cost": None, "scope": "label", "max_tp_lost": 0}
 
 
 def test_resolves_a_logit_shift_on_the_verify_split() -> None:
@@ -177,7 +177,7 @@ def test_cost_weighted_minimises_the_cost() -> None:
     ({"method": "fixed_sensitivity", "target": 1.5}, "==> At key: target: must be a number <= 1, got 1.5"),
     ({"method": "cost_weighted", "fn_cost": 1.0}, "==> At key: fp_cost: required when method is cost_weighted"),
     ({"scope": "some"}, "==> At key: scope: must be one of 'label' or 'all', got 'some'"),
-    ({"treshold": 1}, "==> At key: treshold: unknown key (expected one of: method, target, fn_cost, fp_cost, scope)"),
+    ({"treshold": 1}, "==> At key: treshold: unknown key (expected one of: method, target, fn_cost, fp_cost, scope, max_tp_lost)"),
 ])
 def test_bad_parameters_are_refused_by_name(params, message) -> None:
     """The plugin's own Params model refuses them, in the policy's words (one validation system)."""

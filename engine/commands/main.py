@@ -13,6 +13,7 @@ import engine.commands.analyze as analyze
 import engine.commands.audit as audit
 import engine.commands.backtest as backtest
 import engine.commands.compress as compress
+import engine.commands.correct as correct
 import engine.commands.demo as demo
 import engine.commands.evaluate as evaluate
 import engine.commands.import_checkpoint as import_checkpoint
@@ -29,7 +30,8 @@ from engine.commands.dispatch import run_command_line
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 #: Every command; the order here is the order in ``--help``.
-COMMAND_MODULES = (demo, phantom, inject, train, import_checkpoint, evaluate, compress, monitor, triage, backtest, audit, policy, analyze, report)
+COMMAND_MODULES = (demo, phantom, inject, train, import_checkpoint, evaluate, compress, monitor, triage, correct,
+                   backtest, audit, policy, analyze, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

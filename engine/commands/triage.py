@@ -15,6 +15,7 @@ from engine.audit import AuditStore
 from engine.commands.common import add_data_args, check_out_folder, load_data, load_model
 from engine.console import console, err_console, plain_output, print_line, progress_task
 from engine.core.errors import EXIT_NEEDS_APPROVAL, EXIT_OK, EXIT_USAGE
+from engine.monitors.reported_fp import read_reports
 from engine.triage import EXIT_UNTREATED, TriageOutcome, run_triage
 from rules.policy import Policy, load_policy
 
@@ -58,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the uncompressed parent bundle (compression-fidelity checks and re-optimisation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/verify split and the treatments "
                    "(default: %(default)s)")
+    p.add_argument("--reports", type=Path, metavar="FILE.csv",
+                   help="readers' false-positive reports (columns image,label,reporter,note): each label's "
+                   "reports become one reported_fp fact, treated like the monitors' facts")
     p.set_defaults(func=run)
 
 
@@ -186,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_data(args)
     policy = _load_policy(args.policy)
     parent = load_model(args.parent) if args.parent else None
+    reports = read_reports(args.reports, dataset, bundle.labels) if args.reports else []
     out_dir: Path = args.out
     audit_path: Path = args.audit or out_dir.resolve().parent / "audit.db"
     header = (f"Triage of [bold]{escape(args.model.name)}[/] on {len(dataset)} images of {escape(str(args.data))} "
@@ -206,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
 
         outcome = run_triage(bundle, dataset, policy, seed=args.seed, approve=args.approve, dry_run=args.dry_run,
                              parent=parent, audit=audit, out_dir=out_dir, progress=progress,
-                             skip_bad=args.skip_bad, model_path=args.model, parent_path=args.parent)
+                             skip_bad=args.skip_bad, model_path=args.model, parent_path=args.parent,
+                             reports=reports)
         stack.close()
     render(outcome, out_dir=out_dir, audit_path=audit_path)
     return outcome.exit_code

@@ -21,13 +21,15 @@ FACT_KINDS = (
     "recall_collapse",
     "auroc_drop",
     "compression_fidelity",
+    "reported_fp",
     "prevalence_shift",
     "input_drift",
     "cannot_assess",
     "invalid_output",
 )
 #: Kinds that ask for treatment; the rest are informational.
-ACTIONABLE_KINDS = ("calibration_drift", "fp_cluster", "recall_collapse", "auroc_drop", "compression_fidelity")
+ACTIONABLE_KINDS = ("calibration_drift", "fp_cluster", "recall_collapse", "auroc_drop", "compression_fidelity",
+                    "reported_fp")
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Scalar = float | int | str | bool | None

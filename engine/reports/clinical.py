@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.core.storage import atomic_write_json, atomic_write_text
 from engine.reports.clinical_figures import REGION_COLOURS, clinical_figures
+from engine.reports.correction_html import clinical_correction_section, corrections_for_image
 from engine.reports.html import CLINICAL_REPORT_CSS, esc, page
 from model.bundle import Bundle
 from model.explain.channels import LabelStats
@@ -38,7 +39,10 @@ def build_report(
     """
     evidence = explain_image(bundle, image_path, top_channels=top_channels, label_stats=label_stats,
                              model_path=model_path)
-    return evidence.report, clinical_figures(evidence)
+    report = evidence.report
+    # a correction this image's report made to the model (its history records every changed weight)
+    report["corrections"] = corrections_for_image(bundle.meta.history, Path(image_path).name)
+    return report, clinical_figures(evidence)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +176,7 @@ def _method_section(report: dict[str, Any]) -> list[str]:
 def render_report_html(report: dict[str, Any], figures: dict[str, str]) -> str:
     """One self-contained HTML page for a report from :func:`build_report`."""
     body = [*_header(report), *_summary_section(report), *_findings_section(report), *_exclusivity_section(report),
+            *clinical_correction_section(report.get("corrections") or [], report["image"]["name"]),
             *_evidence_section(report, figures), *_regions_section(report, figures), *_method_section(report)]
     return page(f"Report {esc(report['image']['name'])}", CLINICAL_REPORT_CSS, body)
 

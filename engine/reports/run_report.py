@@ -34,6 +34,7 @@ from engine.audit import run_instances
 from engine.core.errors import AuditError
 from engine.core.facts import ACTIONABLE_KINDS
 from engine.core.storage import atomic_write_text, sha256_file
+from engine.reports.correction_html import run_correction_html
 from engine.reports.html import RUN_REPORT_CSS, badge, esc, hash_code, kv_table, num, page
 from engine.reports.run_figures import draw_run_figures
 
@@ -440,6 +441,8 @@ def _attempt_html(info: dict[str, Any], fid: str, n: int, attempt: dict[str, Any
     if applied:
         out += _applied_html(applied)
     v = attempt.get("verification")
+    if fact.get("kind") == "reported_fp" and (applied or v):
+        out += run_correction_html(fact, applied, v)
     if v:
         lines, limitation = _verification_html(v, n, fact, info.get("scores", {}).get((fid, n)),
                                                figures.get((fid, n)))

@@ -62,10 +62,15 @@ class TriageOutcome:
 
 
 def run_id_for(model_hash: str, manifest_hash: str, policy_hash: str, seed: int, approve: Iterable[str],
-               dry_run: bool) -> str:
-    """Deterministic run id: the same inputs name the same run (16 hex digits)."""
-    ident = {"model": model_hash, "data": manifest_hash, "policy": policy_hash, "seed": int(seed),
-             "approve": sorted(set(approve)), "dry_run": bool(dry_run)}
+               dry_run: bool, reports: Sequence[dict[str, Any]] = (), policy_monitors: bool = True) -> str:
+    """Deterministic run id: the same inputs name the same run (16 hex digits). Reports (and a run of the
+    reports alone, ``correct``) are part of the inputs; a run without them keeps its id."""
+    ident: dict[str, Any] = {"model": model_hash, "data": manifest_hash, "policy": policy_hash, "seed": int(seed),
+                             "approve": sorted(set(approve)), "dry_run": bool(dry_run)}
+    if reports:
+        ident["reports"] = list(reports)
+    if not policy_monitors:
+        ident["policy_monitors"] = False
     return sha256_bytes(canonical_json(ident))[:16]
 
 
@@ -126,4 +131,7 @@ def decision_document(run: TriageRun, *, facts: Sequence[IssueFact], treatments:
         "outcome": outcome,
         "exit_code": exit_code,
     }
+    if run.reports:  # triage --reports, correct: the reports as given (each fact carries its own)
+        decision["reports"] = list(run.reports)
+        decision["policy_monitors"] = run.policy_monitors
     return to_jsonable(decision)

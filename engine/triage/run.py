@@ -28,6 +28,7 @@ import numpy as np
 from engine.audit import AuditStore
 from engine.core.facts import IssueFact
 from engine.core.storage import atomic_write_json, sha256_file
+from engine.monitors.reported_fp import Report, ReportedMonitor, with_reports
 from engine.triage.decision import (
     DECISION_FILE,
     MODEL_FILE,
@@ -148,6 +149,8 @@ def run_triage(
     decide_fn: DecideFn | None = None,
     model_path: str | Path | None = None,
     parent_path: str | Path | None = None,
+    reports: Sequence[Report] = (),
+    policy_monitors: bool = True,
 ) -> TriageOutcome:
     """Run one triage of ``bundle`` on ``dataset`` under ``policy``; see the module docstring.
 
@@ -155,6 +158,8 @@ def run_triage(
     approval and is not named is written as a plan and not applied. ``monitor_fn``/``decide_fn``
     replace the policy's monitors and the rules engine (tests, other engines). ``model_path`` /
     ``parent_path`` (the files the bundles came from) are recorded so ``audit verify`` can re-hash them.
+    ``reports`` (readers' false-positive reports) add ``reported_fp`` facts; with ``policy_monitors``
+    false they are the only facts (``cli.py correct``).
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -164,12 +169,17 @@ def run_triage(
     model_hash = bundle.content_hash()
     parent_hash = parent.content_hash() if parent is not None else None
     manifest_hash = dataset.manifest_hash()
-    log = RunLog(run_id_for(model_hash, manifest_hash, policy.content_hash, seed, approve, dry_run), audit)
+    report_rows = [r.to_json() for r in reports]
+    if not policy_monitors and not reports:
+        raise ValueError("run_triage: policy_monitors=False needs reports (they are then the only facts)")
+    log = RunLog(run_id_for(model_hash, manifest_hash, policy.content_hash, seed, approve, dry_run, report_rows,
+                            policy_monitors), audit)
     log("run_started", {
         "policy": policy_ident(policy), "model_hash": model_hash, "parent_hash": parent_hash,
         "data_manifest_hash": manifest_hash, "data_root": str(dataset.root), "split": dataset.split,
         "n_images": len(dataset), "seed": seed, "approve": list(approve), "dry_run": dry_run,
         "out_dir": str(out_dir.resolve()), "tool_version": TOOL_VERSION,
+        **({"reports": report_rows, "policy_monitors": policy_monitors} if reports else {}),
         # where the audited files live, so `audit verify` can tell when one is edited in place later
         **({"model_path": str(Path(model_path).resolve())} if model_path is not None else {}),
         **({"parent_path": str(Path(parent_path).resolve())} if parent_path is not None else {}),
@@ -179,6 +189,10 @@ def run_triage(
                        out_dir=out_dir, monitor_fn=monitor_fn, decide_fn=decide_fn, log=log,
                        stages=Stages(progress), model_hash=model_hash, parent_hash=parent_hash,
                        manifest_hash=manifest_hash, skip_bad=skip_bad)
+        if reports:
+            run.reports, run.policy_monitors = report_rows, policy_monitors
+            run.monitor_fn = with_reports(run.monitor_fn, ReportedMonitor(reports, bundle, run.data),
+                                          policy_monitors=policy_monitors)
         result = _triage(run)
     except BaseException as exc:
         # Ctrl-C or SIGTERM (engine.commands.dispatch turns it into Terminated): the run closes as interrupted

@@ -164,6 +164,10 @@ class TriageRun:
     #: The facts the run's monitors raised on the whole set (set once monitored): a treatment of a
     #: label whose false positives cluster is judged on the images outside the cluster too.
     facts: list[IssueFact] = field(default_factory=list)
+    #: Readers' reports of false positives (``triage --reports``, ``correct``), as JSON rows.
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    #: False for ``correct``: the reports' facts are the only facts (the policy's monitors do not run).
+    policy_monitors: bool = True
 
     @property
     def run_id(self) -> str:

@@ -23,6 +23,7 @@ from engine.audit import to_jsonable
 from engine.core.errors import DataError, InterventionError, PolicyError
 from engine.core.facts import IssueFact
 from engine.core.storage import atomic_write_bytes, canonical_json, sha256_bytes
+from engine.triage.correction import ReportedViews, reported_images
 from engine.triage.decision import candidate_json, candidates_sorted
 from engine.triage.state import TriageRun, reorder_like
 from engine.triage.verify import Acceptance, VerifyResult, treated_features, verify_treatment
@@ -211,7 +212,8 @@ def _verify(run: TriageRun, esc: _Escalation, record: dict[str, Any], name: str,
     vr = verify_treatment(fact=fact, intervention=name, before_bundle=run.current.bundle, after_bundle=result.bundle,
                           before=v_before, after=v_after, monitor_fn=run.monitor_fn, acceptance=acceptance,
                           parent=run.parent, parent_data=run.parent_verify, facts_before=facts_before,
-                          seed=run.seed, candidate_k=esc.verified, cluster=_cluster_of(run, fact))
+                          seed=run.seed, candidate_k=esc.verified, cluster=_cluster_of(run, fact),
+                          reported=_reported_views(run, fact, result))
     verify_wall = time.perf_counter() - t
     scores = _write_scores(run.out_dir, fact.fact_id, esc.attempt_no, v_before, v_after, result.bundle.labels)
     record["verify"] = to_jsonable({**vr.to_dict(), "scores": scores})
@@ -221,6 +223,17 @@ def _verify(run: TriageRun, esc: _Escalation, record: dict[str, Any], name: str,
                              "acceptance": acceptance, "scores": scores, "wall_time_s": verify_wall,
                              "model_hash_candidate": candidate_hash})
     return vr
+
+
+def _reported_views(run: TriageRun, fact: IssueFact, result: InterventionResult) -> ReportedViews | None:
+    """A ``reported_fp`` fact's images (from the whole audited set) and the fit split, before and after."""
+    if fact.kind != "reported_fp":
+        return None
+    rows = reported_images(fact, run.current.data)
+    rep_before, fit_before = run.current.data.subset(rows), run.current.data.subset(run.fit_idx)
+    return ReportedViews(
+        rep_before, treated_features(result.bundle, result.classifier_only, rep_before, run.dataset.subset(rows)),
+        fit_before, treated_features(result.bundle, result.classifier_only, fit_before, run.fit_ds))
 
 
 def _cluster_of(run: TriageRun, fact: IssueFact) -> IssueFact | None:
@@ -274,9 +287,10 @@ def _apply_to_copy(run: TriageRun, name: str, fact: IssueFact,
     # afterwards: a plugin that modified the current model anyway is rolled back and rejected.
     snapshot = {k: v.detach().clone() for k, v in current.bundle.model.state_dict().items()}
     meta_before = current.bundle.meta
+    reported = current.data.subset(reported_images(fact, current.data)) if fact.kind == "reported_fp" else None
     ctx = TreatmentContext(bundle=current.bundle, fact=fact, fit=current.data.subset(run.fit_idx),
                            fit_dataset=run.fit_ds, params=params, seed=run.seed, parent=run.parent,
-                           progress=run.stages(f"apply {name}"))
+                           progress=run.stages(f"apply {name}"), reported=reported)
     ok, why = plugin.applicable(ctx)
     if not ok:
         outcome: tuple[bool, InterventionResult | None, str | None] = (False, None, f"not applicable: {why}")

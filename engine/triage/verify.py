@@ -39,6 +39,7 @@ from engine.triage.acceptance import (
     target_moved,
 )
 from engine.triage.acceptance import check as _check
+from engine.triage.correction import ReportedViews, reported_checks
 from interventions.attribution import head_logits, truth_index
 from model.bundle import Bundle
 from model.data import NIHDataset
@@ -242,13 +243,15 @@ def verify_treatment(
     seed: int = 0,
     candidate_k: int = 1,
     cluster: IssueFact | None = None,
+    reported: ReportedViews | None = None,
 ) -> VerifyResult:
     """Judge ``after_bundle`` against ``before_bundle`` on the verify split (``before``/``after`` rows).
 
     ``facts_before`` (all monitors on the verify split under the current model) may be passed in
     when the caller already has them; it is the baseline for "new issues". ``cluster`` is an FP-cluster
     fact on the same label (a shortcut whose symptom ``fact`` is): the treatment is then judged on the
-    images outside the cluster as well. ``seed`` (the run's) and
+    images outside the cluster as well. ``reported`` (a ``reported_fp`` fact: the reported images and the
+    fit split under both models) adds :func:`engine.triage.correction.reported_checks`. ``seed`` (the run's) and
     the fact id seed the intervals; ``candidate_k`` counts the candidates verified for the issue so
     far, this one included (its improvement is judged at the Bonferroni level).
     """
@@ -265,7 +268,7 @@ def verify_treatment(
     checks = [_issue_check(fact, facts_after, same_before, same_after, acceptance),
               improvement_check(fact, view, acceptance, candidate_k)]
     # (b) the target label's own operating point
-    if fact.label is not None and (target_moved(view, fact.label) or fact.kind == "fp_cluster"
+    if fact.label is not None and (target_moved(view, fact.label) or fact.kind in ("fp_cluster", "reported_fp")
                                    or intervention == "zeroing"):
         checks += operating_point_checks(view, fact.label, acceptance)
     if fact.kind == "fp_cluster" and fact.label is not None:
@@ -274,6 +277,8 @@ def verify_treatment(
         checks += clean_image_checks(fact, view, acceptance)
     elif cluster is not None:  # a symptom of a shortcut: its treatment must not learn the artefact either
         checks += clean_image_checks(cluster, view, acceptance)
+    if fact.kind == "reported_fp" and fact.label is not None and reported is not None:
+        checks += reported_checks(fact, view, reported, acceptance)
     # (c) collateral damage
     m_before = split_metrics(before_bundle, before)
     m_after = split_metrics(after_bundle, after)

@@ -103,6 +103,8 @@ DEFAULT_TREATMENTS: dict[str, tuple[str, ...]] = {
     "recall_collapse": ("threshold", "partial_retrain", "augmentation", "full_retrain"),
     "auroc_drop": ("partial_retrain", "augmentation", "full_retrain"),
     "compression_fidelity": ("f_reopt", "full_retrain"),
+    # a reader's report of one image (``triage --reports``, ``correct``): the surgical fix first
+    "reported_fp": ("zeroing", "threshold", "partial_retrain"),
 }
 
 _KNOWN_LABELS: tuple[str, ...] = tuple(dict.fromkeys(CHEXNET_LABELS + XRV_LABELS))
