@@ -17,15 +17,16 @@ Conditions (all read fields of the record built by :func:`issue_record`):
 * ``threshold`` - ranking intact: the monitor reports ``auroc_intact`` true, or (when it does not
   say) AUROC >= ``min_auroc_ratio`` x the reference AUROC. Moving an operating point cannot help a
   model that no longer ranks.
-* ``zeroing`` - few channels: ``n_channels_needed <= max_channels`` (from the fp_cluster evidence).
+* ``zeroing`` - few channels: ``n_channels_needed <= max_channels`` (from the fp_cluster evidence);
+  on a ``reported_fp`` fact no condition: the plugin zeroes at most ``max_channels`` (the largest
+  decrease where that many cannot bring the image below its threshold) and verification judges it.
 * ``partial_retrain`` - enough positives: ``positives >= min_positives``, counted in the fit split
   the plugin learns from when the context gives ``fit_positives`` / ``fit_negatives`` (then the
   negatives must reach ``min_positives`` too, as the plugin requires), else the fact's count on the
   whole audit set (replay of stores that did not record the fit counts).
 * ``threshold`` on a ``reported_fp`` fact - also zeroing first: a threshold moved above one reported
   image changes every image's decision on the label, so it is proposed only once zeroing was tried
-  (``zeroing_tried``), or where zeroing cannot be proposed (the policy does not allow it for the kind,
-  or more than ``max_channels`` channels are needed).
+  (``zeroing_tried``), or where the policy does not allow zeroing for the kind.
 * ``f_reopt`` - the bundle has a compression history (``context["has_compression_history"]``),
   unless ``conditions.f_reopt.require_compression_history`` is false.
 * ``augmentation``, ``full_retrain`` and plugins: no conditions here (a plugin's own
@@ -158,16 +159,13 @@ _COMPRESSION_HISTORY = Condition(
 
 _ZEROING_FIRST = Condition(
     name="zeroing_first",
-    words="zeroing tried first, or not proposable (a reported false positive: the surgical change before "
-          "a new operating point for every image)",
-    holds_reason="zeroing was tried or cannot be proposed (tried: {zeroing_tried}, allowed: {zeroing_allowed}, "
-                 "channels needed {n_channels_needed}, max_channels {max_channels})",
-    holds=lambda: ((m.zeroing_tried == True) | (m.zeroing_allowed == False) | -m.n_channels_needed  # noqa: E712
-                   | (m.n_channels_needed > m.max_channels)),
+    words="zeroing tried first, or not allowed by the policy (a reported false positive: the surgical change "
+          "before a new operating point for every image)",
+    holds_reason="zeroing was tried or is not allowed (tried: {zeroing_tried}, allowed: {zeroing_allowed})",
+    holds=lambda: (m.zeroing_tried == True) | (m.zeroing_allowed == False),  # noqa: E712
     fails=(
-        ("zeroing ({n_channels_needed} channel(s), max_channels {max_channels}) is tried first on a reported false "
-         "positive", lambda: ((m.zeroing_tried == False) & (m.zeroing_allowed == True)  # noqa: E712
-                              & (m.n_channels_needed <= m.max_channels))),
+        ("zeroing (at most max_channels {max_channels}) is tried first on a reported false positive",
+         lambda: (m.zeroing_tried == False) & (m.zeroing_allowed == True)),  # noqa: E712
     ),
 )
 
@@ -177,7 +175,9 @@ def conditions_for(intervention: str, policy: Policy, kind: str | None = None) -
     if intervention == "threshold":
         return (_RANKING, _ZEROING_FIRST) if kind == "reported_fp" else (_RANKING,)
     if intervention == "zeroing":
-        return (_FEW_CHANNELS,)
+        # A reported image is corrected with at most max_channels channels even when that many cannot
+        # bring it below the threshold (the largest decrease then); verification judges the result.
+        return () if kind == "reported_fp" else (_FEW_CHANNELS,)
     if intervention == "partial_retrain":
         return (_ENOUGH_POSITIVES,)
     if intervention == "f_reopt":

@@ -254,10 +254,10 @@ def _prepare(bundle: Bundle, dataset: NIHDataset, policy: Policy, *, seed: int, 
              skip_bad: bool) -> TriageRun:
     """The run folder, the features of the whole set (and of the parent) and the fit/verify split."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale = out_dir / SCORES_DIR
-    if stale.is_dir():  # a previous run's files in this folder would mislead the report
-        for old in stale.glob("*.safetensors"):
-            old.unlink()
+    for stale in (out_dir / SCORES_DIR, out_dir / "candidates"):
+        if stale.is_dir():  # a previous run's files in this folder would mislead the report
+            for old in stale.glob("*.safetensors"):
+                old.unlink()
     with log.timed("features"):
         data = extract_features(bundle, dataset, skip_bad=skip_bad, progress=stages("features"))
         dataset = _align(dataset, data)

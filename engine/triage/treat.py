@@ -30,6 +30,7 @@ from engine.triage.verify import Acceptance, VerifyResult, treated_features, ver
 from interventions.attribution import head_logits, truth_index
 from interventions.base import InterventionResult, TreatmentContext
 from interventions.registry import get_intervention
+from model.bundle import save_bundle
 from model.features import FeatureSet, extract_features
 from model.labels import CHEXNET_LABELS
 from rules.decide import Candidate, Decision
@@ -179,10 +180,21 @@ def _attempt(run: TriageRun, esc: _Escalation, record: dict[str, Any], name: str
                             "outcome": "accepted", "model_hash_after": run.current.hash})
         return True
     failed = [c["name"] for c in vr.checks if not c["passed"]]
+    if fact.kind == "reported_fp":
+        _keep_candidate(run, esc, record, name, result)
     _give_up_on(esc, record, name, "rejected")
     run.log("outcome", {"fact_id": fact.fact_id, "attempt": esc.attempt_no, "intervention": name,
                         "outcome": "rejected", "failed_checks": failed, "rolled_back_to": run.current.hash})
     return False
+
+
+def _keep_candidate(run: TriageRun, esc: _Escalation, record: dict[str, Any], name: str,
+                    result: InterventionResult) -> None:
+    """A rejected correction of a reader's report stays on disk for review (``candidates/``), never deployed."""
+    path = run.out_dir / "candidates" / f"{esc.fact.fact_id}-{esc.attempt_no}-{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record["candidate_file"] = {"path": str(path.relative_to(run.out_dir)), "sha256": save_bundle(result.bundle, path),
+                                "deployed": False}
 
 
 def _give_up_on(esc: _Escalation, record: dict[str, Any], name: str, result: str) -> bool:
