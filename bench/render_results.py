@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from render_backtest import section_backtest  # noqa: E402
+from render_compress import PAPER_COMPRESSION, section_compress  # noqa: E402
 from render_correct import section_correct  # noqa: E402
+from render_format import DASH, _num, arrow, fmt, fmt_params, fmt_pct, fmt_s, get, median, table  # noqa: E402, F401
 
 from benches import BENCHES, REPO, RESULTS, RESULTS_MD, Bench, display_path  # noqa: E402
 from engine.core.storage import atomic_write_text  # noqa: E402
@@ -49,92 +50,6 @@ PAPER_COST_MATRIX: tuple[tuple[str, str, str], ...] = (
     ("augmentation", "Augmentation fine-tuning", "hours"),
     ("full_retrain", "Full retraining", "hours"),
 )
-
-#: The paper's compression result (DenseNet121, 224 px).
-PAPER_COMPRESSION = {"params_before": 6.97e6, "params_after": 3.38e6, "param_reduction": 0.5143,
-                     "max_abs_dlogit": "< 5e-6", "mean_auroc_delta": "+0.0003",
-                     "latency_before_ms": 16.07, "latency_after_ms": 15.54}
-
-DASH = "–"
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers: safe lookup and formatting
-
-
-def get(obj: Any, *path: Any, default: Any = None) -> Any:
-    """``obj[p0][p1]...`` or ``default`` when any step is missing or of the wrong type."""
-    for key in path:
-        try:
-            obj = obj[key]
-        except (KeyError, IndexError, TypeError):
-            return default
-    return default if obj is None else obj
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v) if math.isfinite(v) else None
-
-
-def fmt(v: Any, spec: str = ".3f", suffix: str = "") -> str:
-    x = _num(v)
-    return DASH if x is None else format(x, spec) + suffix
-
-
-def fmt_pct(v: Any, spec: str = ".1f", sign: str = "") -> str:
-    x = _num(v)
-    return DASH if x is None else f"{sign}{x * 100:{spec}} %"
-
-
-def fmt_s(v: Any) -> str:
-    """A duration in seconds, in the unit a person reads it in."""
-    x = _num(v)
-    if x is None:
-        return DASH
-    if x < 1e-3:
-        return f"{x * 1e6:.0f} µs"
-    if x < 1:
-        return f"{x * 1e3:.1f} ms"
-    if x < 100:
-        return f"{x:.2f} s"
-    if x < 3600:
-        return f"{x:.0f} s ({x / 60:.1f} min)"
-    return f"{x / 3600:.1f} h"
-
-
-def fmt_params(v: Any) -> str:
-    x = _num(v)
-    if x is None:
-        return DASH
-    return f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x:,.0f}"
-
-
-def arrow(a: str, b: str) -> str:
-    return DASH if a == DASH and b == DASH else f"{a} → {b}"
-
-
-def median(values: Any) -> float | None:
-    xs = sorted(x for x in (_num(v) for v in (values if isinstance(values, list) else [])) if x is not None)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
-def _cell(v: Any) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> list[str]:
-    """A Markdown table; ``align`` is one letter per column (l/r), default left then right."""
-    align = align or "l" + "r" * (len(headers) - 1)
-    sep = ["---:" if a == "r" else ":---" for a in align]
-    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
-
 
 # --------------------------------------------------------------------------------------------
 # Machine and commit
@@ -396,52 +311,6 @@ def section_interventions(data: dict[str, Any]) -> list[str]:
         lines += table(("Data", "Setting", "Macro F1", "Macro recall", "F1 vs 0.5", "Recall vs 0.5", "Wall"), rows,
                        align="llrrrrr")
     return lines
-
-
-def section_compress(data: dict[str, Any]) -> list[str]:
-    results = data.get("results") if isinstance(data.get("results"), list) else []
-    p = PAPER_COMPRESSION
-    lines = [f"Scored on each dataset's held-out test split; CPU speed with {data.get('threads', DASH)} thread(s). "
-             "\"meets\" = |mean ΔAUROC| ≤ 0.001 and every label's |ΔAUROC| ≤ 0.005.", ""]
-    paper_row = ("**paper** (DenseNet121, 224 px)",
-                 arrow(fmt_params(p["params_before"]), fmt_params(p["params_after"])),
-                 fmt_pct(p["param_reduction"], ".2f", "−"), DASH, p["max_abs_dlogit"], DASH, p["mean_auroc_delta"],
-                 DASH,
-                 DASH, arrow(fmt(p["latency_before_ms"], ".2f"), fmt(p["latency_after_ms"], ".2f")),
-                 fmt(p["latency_before_ms"] / p["latency_after_ms"], ".2f"), DASH, DASH)
-    headers = ("Method", "Parameters", "Params −", "FLOPs −", "max |Δlogit|", "mean |Δlogit|", "Δ mean AUROC",
-               "worst |ΔAUROC|", "Meets", "Latency b1 (ms)", "Speed-up b1", "Speed-up b32", "Time")
-    if not results:
-        return lines + table(headers, [paper_row]) + ["", "(no datasets in the JSON)"]
-    for res in results:
-        if not isinstance(res, dict):
-            continue
-        sm = res.get("summary") or {}
-        speeds = res.get("speeds") or {}
-        p0 = _num(sm.get("parent_parameters"))
-        lines += [f"### {res.get('dataset', '?')}", "",
-                  f"Parent: {fmt_params(p0)} parameters, mean AUROC {fmt(sm.get('parent_mean_auroc_test'))} on "
-                  f"{fmt(sm.get('test_images'), ',.0f')} test images ({fmt(sm.get('calibration_images'), ',.0f')} "
-                  f"calibration images). Exact (lossless) stage: {fmt_pct(sm.get('exact_reduction'), '.1f', '−')}; "
-                  f"largest reduction that meets the AUROC tolerance: "
-                  f"{fmt_pct(sm.get('best_reduction_meeting_auroc'), '.1f', '−')}.", ""]
-        parent_ms = get(speeds, "parent", "latency_b1_ms")
-        rows = [paper_row]
-        for r in res.get("rows") or []:
-            if not isinstance(r, dict):
-                continue
-            red = _num(r.get("param_reduction"))
-            after = p0 * (1 - red) if p0 is not None and red is not None else None
-            ms = get(speeds, r.get("method"), "latency_b1_ms")
-            rows.append((r.get("method", DASH), arrow(fmt_params(p0), fmt_params(after)),
-                         fmt_pct(red, ".2f", "−"), fmt_pct(r.get("flop_reduction"), ".1f", "−"),
-                         fmt(r.get("max_abs_dlogit"), ".2g"), fmt(r.get("mean_abs_dlogit"), ".2g"),
-                         fmt(r.get("mean_auroc_delta"), "+.4f"), fmt(r.get("worst_abs_auroc_delta"), ".4f"),
-                         {True: "yes", False: "no"}.get(r.get("meets"), DASH),
-                         arrow(fmt(parent_ms, ".2f"), fmt(ms, ".2f")) if ms is not None else DASH,
-                         fmt(r.get("speedup_b1"), ".2f"), fmt(r.get("speedup_b32"), ".2f"), fmt_s(r.get("seconds"))))
-        lines += table(headers, rows) + [""]
-    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {

@@ -107,11 +107,12 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def half(data) -> tuple[Bundle, Bundle, dict]:
-    """The tiny model compressed to half its parameters (target alone: no tolerance)."""
+    """The tiny model compressed to half its parameters (target alone: no tolerance), then distilled."""
     parent = tiny_bundle()
     ds = load_nih_dataset(data, "train_val")
-    result = compress_bundle(parent, ds, CompressSettings(target_reduction=0.5, max_auroc_drop=None, views=2),
-                             speed=False)
+    settings = CompressSettings(target_reduction=0.5, max_auroc_drop=None, max_flip_rate=None, views=2,
+                                distill_epochs=2, distill_lr=1e-4)
+    result = compress_bundle(parent, ds, settings, speed=False)
     return parent, result.bundle, result.report
 
 
@@ -311,7 +312,7 @@ def test_history_replays_to_the_same_weights(half, data):
 def test_a_compressed_bundle_can_be_compressed_again(half, data):
     _, comp, _ = half
     ds = load_nih_dataset(data, "train_val")
-    again = compress_bundle(comp, ds, CompressSettings(target_reduction=0.2, max_auroc_drop=None, views=2), speed=False)
+    again = compress_bundle(comp, ds, CompressSettings(target_reduction=0.2, max_auroc_drop=None, max_flip_rate=None, views=2), speed=False)
     assert count_parameters(again.bundle.model) <= 0.8 * count_parameters(comp.model)
     assert again.bundle.meta.parent_hash == comp.content_hash()
     assert [e["op"] for e in again.bundle.meta.history] == ["compress", "compress"]
@@ -330,7 +331,7 @@ def test_replay_refuses_other_data_or_parent(half, data, tmp_path):
 def test_too_small_calibration_set_is_a_clear_error(tmp_path):
     ds = load_nih_dataset(write_textures(tmp_path / "s", 8, seed=2), "all")
     with pytest.raises(DataError, match="calibration set too small"):
-        compress_bundle(tiny_bundle(), ds, CompressSettings(target_reduction=0.5, max_auroc_drop=None, views=1),
+        compress_bundle(tiny_bundle(), ds, CompressSettings(target_reduction=0.5, max_auroc_drop=None, max_flip_rate=None, views=1),
                         speed=False)
 
 
@@ -360,7 +361,7 @@ def test_calibration_is_patient_disjoint_and_augmented(data):
 # ---------------------------------------------------------------------------------- tolerance mode + CLI
 def test_tolerance_mode_stays_inside_its_logit_tolerance(data):
     ds = load_nih_dataset(data, "train_val")
-    settings = CompressSettings(max_auroc_drop=None, max_logit_delta=0.5, max_passes=1, views=2)
+    settings = CompressSettings(max_auroc_drop=None, max_flip_rate=None, max_logit_delta=0.5, max_passes=1, views=2)
     result = compress_bundle(tiny_bundle(), ds, settings, speed=False, report_data=None)
     # checked on the calibration holdout (the random tiny net's logits span about +-35)
     assert result.report["fidelity"]["max_abs_dlogit"] <= 0.5
@@ -370,7 +371,7 @@ def test_tolerance_mode_stays_inside_its_logit_tolerance(data):
 def test_tolerance_search_keeps_the_largest_passing_reduction(data):
     """Every probe is judged on the holdout; the kept one passes and every larger probe failed."""
     ds = load_nih_dataset(data, "train_val")
-    settings = CompressSettings(max_auroc_drop=None, max_logit_delta=2.0, max_passes=4, views=2)
+    settings = CompressSettings(max_auroc_drop=None, max_flip_rate=None, max_logit_delta=2.0, max_passes=4, views=2)
     result = compress_bundle(tiny_bundle(), ds, settings, speed=False, report_data=None)
     strategy = result.report["strategy"]
     probes = strategy["probes"]
@@ -386,7 +387,7 @@ def test_tolerance_search_keeps_the_largest_passing_reduction(data):
 def test_target_with_loose_tolerance_is_one_probe_at_the_target(data):
     """A target given with tolerances caps the search: met at once when the tolerance allows it."""
     ds = load_nih_dataset(data, "train_val")
-    settings = CompressSettings(target_reduction=0.3, max_auroc_drop=None, max_logit_delta=1e6, views=2)
+    settings = CompressSettings(target_reduction=0.3, max_auroc_drop=None, max_flip_rate=None, max_logit_delta=1e6, views=2)
     result = compress_bundle(tiny_bundle(), ds, settings, speed=False, report_data=None)
     assert [p["target"] for p in result.report["strategy"]["probes"]] == [0.3]
     assert result.report["target_met"] is True
@@ -404,3 +405,64 @@ def test_cli_compress_then_evaluate(data, tmp_path):
     assert rep["fidelity"]["where"].endswith("(40 images)")  # the test split, never fitted
     assert count_parameters(load_bundle(out).model) <= 0.5 * count_parameters(load_bundle(model).model)
     assert main(["evaluate", "--model", str(out), "--data", str(data), "--n-boot", "20"]) == 0
+
+
+# ---------------------------------------------------------------------------------- FLOPs, distillation, statistics
+def test_flop_target_is_met_as_well_as_the_parameter_target(data):
+    ds = load_nih_dataset(data, "train_val")
+    parent = tiny_bundle()
+    settings = CompressSettings(target_reduction=0.3, target_flop_reduction=0.25, max_auroc_drop=None,
+                                max_flip_rate=None, views=2, distill_epochs=0)
+    rep = compress_bundle(parent, ds, settings, speed=False).report
+    assert rep["ratios"]["parameter_reduction"] >= 0.3
+    assert rep["ratios"]["flop_reduction"] >= 0.25
+    assert rep["strategy"]["planned_flop_reduction"] >= 0.25
+
+
+def test_unreachable_flop_target_is_a_clear_error(data):
+    ds = load_nih_dataset(data, "train_val")
+    settings = CompressSettings(target_reduction=0.05, target_flop_reduction=0.99, max_auroc_drop=None,
+                                max_flip_rate=None, views=2)
+    with pytest.raises(BundleError, match="FLOP reduction 0.990 is out of reach: at most"):
+        compress_bundle(tiny_bundle(), ds, settings, speed=False)
+
+
+def test_distillation_only_keeps_an_epoch_that_improves_the_holdout(half):
+    rec = half[2]["distillation"]
+    curve = rec["holdout_mean_dlogit"]
+    assert len(curve) == rec["epochs"] + 1
+    assert curve[rec["kept_epoch"]] == min(curve)  # the re-fit (epoch 0) unless an epoch beat it
+    assert half[1].meta.history[-1]["distill"] == rec  # replayable
+
+
+def test_probe_judge_fails_on_flips_and_on_rankings_shown_beyond_noise():
+    from model.compression.tolerance import judge_probe
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 3)) < 0.3).astype(np.float64)
+    ref = rng.normal(size=(400, 3)) + 2.0 * y
+    thr = np.full(3, 0.5)
+    settings = CompressSettings()
+    assert judge_probe(ref, ref + 1e-4, y, thr, settings)["within_tolerance"]
+    flipped = ref.copy()
+    flipped[:40, 0] = -flipped[:40, 0]  # 40 of 1,200 decisions flip: 3.3 % > 0.5 %
+    verdict = judge_probe(ref, flipped, y, thr, settings.replace(max_auroc_drop=None))
+    assert not verdict["within_tolerance"] and "flip rate" in verdict["failed"][0]
+    shuffled = ref.copy()
+    shuffled[:, 1] = rng.permutation(shuffled[:, 1])  # label 1's ranking destroyed
+    verdict = judge_probe(ref, shuffled, y, thr, settings.replace(max_flip_rate=None))
+    assert any("label 1" in f for f in verdict["failed"]) and not any("label 0" in f for f in verdict["failed"])
+
+
+def test_noise_level_auroc_change_on_few_images_does_not_stop_the_search():
+    """One swapped pair among 2 positives moves AUROC far beyond 0.005, but its interval spans zero."""
+    from model.compression.tolerance import judge_probe
+
+    y = np.zeros((60, 1))
+    y[:2] = 1
+    ref = np.concatenate([[2.5, 3.0], np.linspace(-2.0, 2.0, 58)])[:, None]
+    new = ref.copy()
+    new[0, 0] = 1.9  # the lower positive drops below the two highest negatives: ΔAUROC -0.017
+    verdict = judge_probe(ref, new, y, np.full(1, 0.999), CompressSettings(max_flip_rate=None))
+    assert verdict["label_auroc_delta"]["0"]["estimate"] < -0.005
+    assert verdict["within_tolerance"], verdict["failed"]

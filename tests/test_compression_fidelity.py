@@ -41,7 +41,8 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fidelity")
     calib = load_nih_dataset(write_pattern_dataset(root / "calib", n=240, seed=0))
     parent = pattern_bundle(calib)
-    comp = compress_bundle(parent, calib, CompressSettings(target_reduction=0.3, max_auroc_drop=None, views=2),
+    settings = CompressSettings(target_reduction=0.3, max_auroc_drop=None, max_flip_rate=None, views=2)
+    comp = compress_bundle(parent, calib, settings,
                            speed=False).bundle
     clean = write_pattern_dataset(root / "clean", n=200, seed=5)
     inject_fault(clean, "scanner_shift", root / "shifted", seed=1)

@@ -41,7 +41,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("freopt")
     parent = tiny_bundle(seed=4)
     source = load_nih_dataset(write_textures(root / "a", 200, seed=11), "all")
-    comp = compress_bundle(parent, source, CompressSettings(target_reduction=0.5, max_auroc_drop=None, views=2),
+    comp = compress_bundle(parent, source, CompressSettings(target_reduction=0.5, max_auroc_drop=None, max_flip_rate=None, views=2),
                            speed=False).bundle
     shifted = write_textures(root / "b", 240, seed=12, gain=0.3, offset=0.65, n_test=60)
     return parent, comp, load_nih_dataset(shifted, "train_val"), load_nih_dataset(shifted, "test")

@@ -93,7 +93,7 @@ class World:
         """The base model compressed by ``model.compression`` on the world's images (built on first use)."""
         if self._compressed is None:
             from model.compression import CompressSettings, compress_bundle  # noqa: PLC0415
-            settings = CompressSettings(target_reduction=0.3, max_auroc_drop=None)
+            settings = CompressSettings(target_reduction=0.3, max_auroc_drop=None, max_flip_rate=None)
             result = compress_bundle(self.base, self.dataset, settings, speed=False)
             self._compressed = result.bundle
         return self._compressed

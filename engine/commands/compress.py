@@ -20,7 +20,9 @@ from model.features import to_model_input
 
 __all__ = ["register", "run"]
 
-DEFAULT_AUROC_DROP = 0.001
+#: The tolerance mode's defaults (the settings' own).
+DEFAULT_AUROC_DROP = CompressSettings.model_fields["max_auroc_drop"].default
+DEFAULT_FLIP_RATE = CompressSettings.model_fields["max_flip_rate"].default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "squares to reproduce its original output, layer by layer. The bundle records its parent's hash and a "
         "replayable history. Fidelity (|Δlogit|, per-label ΔAUROC with paired bootstrap CI), parameters, "
         "FLOPs, file size and CPU speed are reported on held-out images.",
-        epilog="--target-reduction alone always delivers at least that share of fewer parameters; with "
-        "--max-auroc-drop/--max-logit-delta as well, the tolerances win. Without a target the tolerances "
-        "steer how far to go (default --max-auroc-drop 0.001).",
+        epilog="--target-reduction alone always delivers at least that share of fewer parameters (and "
+        "--target-flop-reduction that share of fewer multiply-adds); with --max-auroc-drop/--max-flip-rate/"
+        "--max-logit-delta as well, the tolerances win. Without a target the tolerances steer how far to go, "
+        "judged with intervals on the held-out calibration part (defaults: --max-auroc-drop 0.001, "
+        "--max-flip-rate 0.005). --distill-epochs N then trains the re-fitted network to the parent's "
+        "logits (the best held-out epoch kept).",
     )
     p.add_argument("--model", required=True, type=Path, help="DenseNet bundle to compress (.safetensors)")
     p.add_argument("--data", required=True, type=Path, metavar="CALIB",
@@ -43,9 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="MODEL2", help="output bundle (.safetensors)")
     p.add_argument("--target-reduction", type=float, metavar="R",
                    help="share of parameters to remove, in (0, 1), e.g. 0.5")
+    p.add_argument("--target-flop-reduction", type=float, metavar="F",
+                   help="share of multiply-adds to remove as well, in (0, 1), e.g. 0.4: the budgets weigh FLOPs "
+                   "more until the plan meets it (an error names the most a plan reaches)")
     p.add_argument("--max-auroc-drop", type=float, metavar="A",
                    help="AUROC tolerance on the held-out calibration part: |mean ΔAUROC| <= A and every "
-                   "label's |ΔAUROC| <= 5A (default 0.001 unless --target-reduction is given alone)")
+                   "label's |ΔAUROC| <= 5A, failed when the paired-bootstrap interval lies beyond it "
+                   "(default 0.001 unless --target-reduction is given alone)")
+    p.add_argument("--max-flip-rate", type=float, metavar="P",
+                   help="largest share of image-label decisions flipped at the bundle thresholds on the held-out "
+                   "part, judged by its Wilson upper bound (default 0.005 unless --target-reduction is given alone)")
     p.add_argument("--max-logit-delta", type=float, metavar="D",
                    help="largest |Δlogit| allowed on the held-out calibration part")
     p.add_argument("--exact-only", action="store_true",
@@ -67,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-passes", type=int, default=6,
                    help="target passes tried when tolerances steer the reduction: a bisection for the largest "
                    "reduction inside them, each pass as fast as one --target-reduction run (default: %(default)s)")
+    p.add_argument("--distill-epochs", type=int, default=0,
+                   help="epochs of end-to-end distillation to the parent's logits after the re-fits; the best "
+                   "held-out epoch is kept, the re-fit itself when none improves (default: %(default)s, off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, augmentation and sampling (default: %(default)s)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the full report as JSON here")
     p.add_argument("--no-speed", action="store_true", help="skip the CPU latency/throughput measurement")
@@ -79,16 +94,20 @@ def _fmt(v: Any, spec: str = ",") -> str:
 
 def run(args: argparse.Namespace) -> int:
     check_out_file(args.out)
-    explicit_tol = args.max_auroc_drop is not None or args.max_logit_delta is not None
+    explicit_tol = any(v is not None for v in (args.max_auroc_drop, args.max_logit_delta, args.max_flip_rate))
     if args.target_reduction is not None and not explicit_tol:
-        max_auroc = None  # a target alone wins: no tolerance is enforced
+        max_auroc = max_flip = None  # a target alone wins: no tolerance is enforced
     else:
         max_auroc = args.max_auroc_drop if args.max_auroc_drop is not None else DEFAULT_AUROC_DROP
+        max_flip = args.max_flip_rate if args.max_flip_rate is not None else DEFAULT_FLIP_RATE
     try:
         settings = CompressSettings(
             target_reduction=args.target_reduction,
+            target_flop_reduction=args.target_flop_reduction,
             max_auroc_drop=max_auroc,
+            max_flip_rate=max_flip,
             max_logit_delta=args.max_logit_delta,
+            distill_epochs=args.distill_epochs,
             exact_only=args.exact_only,
             holdout_fraction=args.holdout_fraction,
             seed=args.seed,
@@ -163,5 +182,10 @@ def _print_report(rep: dict[str, Any], args: argparse.Namespace) -> None:
     ex = rep.get("exact_stage") or {}
     if ex:
         console.print("exact stage: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ex.items()))
+    dist = rep.get("distillation")
+    if dist:
+        curve = dist["holdout_mean_dlogit"]
+        console.print(f"distillation: kept epoch {dist['kept_epoch']} of {dist['epochs']}; held-out mean |Δlogit| "
+                      f"{curve[0]:.4g} after the re-fits → {curve[dist['kept_epoch']]:.4g}")
     for line in rep.get("log", []):
         console.print(f"  {line}")

@@ -44,14 +44,15 @@ each consumer its own subset, and it does not re-fit weights. It is the baseline
 
 # The package's parts, in the order a compression runs through them: settings, calibration,
 # statistics + least_squares (the re-fits), passes (forward passes, sampling), walk + modes (the
-# consumer-by-consumer pass), allocation (budgets), guard, search (planning, target passes, the
-# tolerance search), surgery, measure, history (replay), api (entry points).
+# consumer-by-consumer pass), allocation (budgets), guard + tolerance (the criteria), search
+# (planning, target passes, the tolerance search), surgery, distill, measure, accepted (the
+# fidelity record a compressed bundle carries), history (replay), api (entry points).
 
 from model.compression.api import CompressResult, compress_bundle, compress_targets
 from model.compression.calibration import Calibration, prepare_calibration
 from model.compression.guard import auroc_within
 from model.compression.history import latest_plan, refit_to_parent, replay_compression
-from model.compression.measure import compression_report, count_macs, fidelity, measure_speed
+from model.compression.measure import compression_report, count_macs, fidelity, measure_speed, measure_speeds
 from model.compression.passes import consumer_names
 from model.compression.settings import CompressSettings
 from model.compression.surgery import surgery
@@ -70,6 +71,7 @@ __all__ = [
     "surgery",
     "count_macs",
     "measure_speed",
+    "measure_speeds",
     "fidelity",
     "compression_report",
     "auroc_within",

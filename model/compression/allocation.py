@@ -14,7 +14,7 @@ import numpy as np
 
 from model.nets.pruned import PrunedDenseNet
 
-__all__ = ["ConsumerCurves", "Plan", "fixed_params", "allocate", "plan_for_params", "plan_for_error"]
+__all__ = ["ConsumerCurves", "Plan", "allocate", "fixed_params", "plan_for_budgets", "plan_for_error", "plan_for_params"]
 
 #: ``[(inputs kept, added weighted error per sample)]``, from all inputs down to one.
 Curve = list[tuple[int, float]]
@@ -52,12 +52,23 @@ class Plan:
     error: dict[str, float]
     params: int
     lam: float
+    #: Multiply-adds of the budgeted consumers per image (at the calibration resolution).
+    macs: int = 0
+
+
+#: A consumer keeps all its inputs or cuts at least this share of them: a cut of a few channels
+#: turns a free prefix read into a gather (an extra copy of everything it reads) and saves less
+#: than that copy costs, so such a layer is kept whole (the same for a bottleneck).
+MIN_CUT = 0.1
 
 
 def _curve_arrays(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
+    """The curve's (kept, error) points, without the cuts smaller than :data:`MIN_CUT`."""
     ks = np.array([c[0] for c in curve], dtype=np.int64)
     es = np.array([c[1] for c in curve], dtype=np.float64)
-    return ks, es
+    full = ks.max() if len(ks) else 0
+    ok = (ks == full) | (ks <= (1 - MIN_CUT) * full)
+    return ks[ok], es[ok]
 
 
 def fixed_params(net: PrunedDenseNet) -> int:
@@ -66,14 +77,15 @@ def fixed_params(net: PrunedDenseNet) -> int:
     return int(f.conv0.weight.numel() + f.norm0.weight.numel() * 2 + net.classifier.out_features)
 
 
-def allocate(curves: dict[str, ConsumerCurves], lam: float, flop_price: float = 0.0) -> Plan:
-    """Per consumer, the budget minimising ``error + lam * (parameters + flop_price * MACs)``.
+def allocate(curves: dict[str, ConsumerCurves], lam: float, flop_price: float = 0.0, mac_lam: float = 0.0) -> Plan:
+    """Per consumer, the budget minimising ``error + lam * (parameters + flop_price * MACs) + mac_lam * MACs``.
 
     One price for all layers equalises the marginal error per saved resource, so the reduction
     goes where reconstruction is cheap. ``flop_price`` > 0 also values multiply-adds (early,
-    high-resolution layers), which is what makes the CPU faster.
+    high-resolution layers), which is what makes the CPU faster; ``mac_lam`` is the separate
+    multiplier of a FLOP budget (:func:`plan_for_budgets`).
     """
-    k, kb, err, params = {}, {}, {}, 0
+    k, kb, err, params, total_macs = {}, {}, {}, 0, 0
     for name, c in curves.items():
         ks, es = _curve_arrays(c.inputs_curve)
         hw = c.hw
@@ -84,31 +96,57 @@ def allocate(curves: dict[str, ConsumerCurves], lam: float, flop_price: float = 
             macs = ks[:, None] * kbs[None, :] + 9 * kbs[None, :] * c.growth
             p = 2 * ks[:, None] + macs + 2 * kbs[None, :]
             e = es[:, None] * rho[None, :] + ebs[None, :]
-            cost = e + lam * (p + flop_price * hw * macs)
+            cost = e + lam * (p + flop_price * hw * macs) + mac_lam * hw * macs
             i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
             k[name], kb[name], err[name], params = int(ks[i]), int(kbs[j]), float(e[i, j]), params + int(p[i, j])
+            total_macs += int(hw * macs[i, j])
         else:
             p = 2 * ks + ks * c.outputs
-            cost = es + lam * (p + flop_price * hw * ks * c.outputs)
+            cost = es + lam * (p + flop_price * hw * ks * c.outputs) + mac_lam * hw * ks * c.outputs
             i = int(np.argmin(cost))
             k[name], err[name], params = int(ks[i]), float(es[i]), params + int(p[i])
-    return Plan(k, kb, err, params, lam)
+            total_macs += int(hw * ks[i] * c.outputs)
+    return Plan(k, kb, err, params, lam, total_macs)
 
 
-def plan_for_params(curves: dict[str, ConsumerCurves], budget: int, flop_price: float = 0.0) -> Plan:
+def plan_for_params(curves: dict[str, ConsumerCurves], budget: int, flop_price: float = 0.0, mac_lam: float = 0.0,
+                    *, steps: int = 90) -> Plan:
     """The plan of the smallest price whose parameters fit ``budget`` (bisection on log10 lambda)."""
     lo, hi = -40.0, 40.0  # log10 lambda
     best = None
-    for _ in range(90):
+    for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        plan = allocate(curves, 10.0**mid, flop_price)
+        plan = allocate(curves, 10.0**mid, flop_price, mac_lam)
         if plan.params <= budget:
             best = plan
             hi = mid
         else:
             lo = mid
     if best is None:
-        best = allocate(curves, 10.0**40, flop_price)
+        best = allocate(curves, 10.0**40, flop_price, mac_lam)
+    return best
+
+
+def plan_for_budgets(curves: dict[str, ConsumerCurves], budget: int, mac_budget: float, flop_price: float = 0.0
+                     ) -> Plan | None:
+    """The plan within both a parameter and a multiply-add budget (two multipliers), or None.
+
+    Parameters alone are met by the smallest parameter price; when that plan's multiply-adds are
+    over ``mac_budget``, a second price on multiply-adds is raised (bisection on its log10) until
+    they fit, the parameter price re-fitted at each step -- so more parameters may go than the
+    parameter target asks, but only where that buys the FLOPs.
+    """
+    plan = plan_for_params(curves, budget, flop_price)
+    if plan.params > budget or plan.macs <= mac_budget:
+        return plan
+    lo, hi, best = -40.0, 40.0, None
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        plan = plan_for_params(curves, budget, flop_price, 10.0**mid, steps=48)
+        if plan.macs <= mac_budget and plan.params <= budget:
+            best, hi = plan, mid
+        else:
+            lo = mid
     return best
 
 

@@ -16,9 +16,8 @@ from model.compression.accepted import NOTE_KEY, holdout_fidelity
 from model.compression.calibration import Calibration, prepare_calibration
 from model.compression.history import HISTORY_OP, history_entry
 from model.compression.measure import compression_report
-from model.compression.search import compress_to_target, holdout_guard, prepare_planning, run_compression
+from model.compression.search import compress_to_target, finish_network, prepare_planning, run_compression
 from model.compression.settings import CompressSettings, Progress
-from model.compression.surgery import surgery
 from model.compression.walk import Walk
 from model.data import NIHDataset
 from model.nets.pruned import ARCH_NAME, PrunedDenseNet, as_pruned, to_json_config
@@ -34,13 +33,14 @@ class CompressResult:
     report: dict[str, Any]
 
 
-def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk: Walk, info: dict[str, Any],
-            log: list[str], report_data: tuple[torch.Tensor, np.ndarray, str] | None, speed: bool,
-            target: float | None, t0: float) -> CompressResult:
-    """Surgery, the new bundle with its history entry, and the report."""
-    net = surgery(walk.work)
+def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk: Walk, net: PrunedDenseNet,
+            distilled: dict[str, Any] | None, info: dict[str, Any], log: list[str],
+            report_data: tuple[torch.Tensor, np.ndarray, str] | None, speed: bool, target: float | None,
+            t0: float) -> CompressResult:
+    """The new bundle (the deployable ``net``) with its history entry, and the report."""
     parent_hash = bundle.content_hash()
-    entry = history_entry(parent_hash, calib, settings, [walk.records[n] for n in walk.names], op=HISTORY_OP)
+    entry = history_entry(parent_hash, calib, settings, [walk.records[n] for n in walk.names], op=HISTORY_OP,
+                          extra={"distill": distilled} if distilled else None)
     meta = bundle.meta
     new = Bundle(net, meta.model_copy(update={
         "arch": ARCH_NAME, "arch_config": to_json_config(net.config), "parent_hash": parent_hash,
@@ -60,7 +60,7 @@ def _finish(bundle: Bundle, calib: Calibration, settings: CompressSettings, walk
         exact_stage=exact_tot,
         calibration={"manifest_hash": calib.manifest_hash, "split": calib.split, "fit_images": calib.n_images,
                      "views": calib.views, "holdout_images": int(len(calib.hold))},
-        guard={"steps": len(walk.guard_log), "backoffs": sum(1 for g in walk.guard_log if not g["accepted"])},
+        distillation=distilled,
         target_met=None if target is None else report["ratios"]["parameter_reduction"] >= target - 1e-9,
         parent_hash=parent_hash,
         wall_time_s=time.perf_counter() - t0,
@@ -106,8 +106,10 @@ def compress_bundle(
     t0 = time.perf_counter()
     parent_net, calib = _prepare(bundle, dataset, settings, images)
     log: list[str] = []
-    walk, info = run_compression(parent_net, calib, settings, progress=progress, log=log)
-    return _finish(bundle, calib, settings, walk, info, log, report_data, speed, settings.target_reduction, t0)
+    walk, net, distilled, info = run_compression(parent_net, calib, settings, thresholds=np.asarray(bundle.meta.thresholds),
+                                                 progress=progress, log=log)
+    return _finish(bundle, calib, settings, walk, net, distilled, info, log, report_data, speed,
+                   settings.target_reduction, t0)
 
 
 def compress_targets(
@@ -121,15 +123,19 @@ def compress_targets(
     images: np.ndarray | None = None,
     progress: Progress | None = None,
 ) -> list[CompressResult]:
-    """One compressed bundle per target reduction, sharing one planning pass (for trade-off curves)."""
+    """One compressed bundle per target reduction, sharing one planning pass (for trade-off curves).
+
+    Each is a plain target pass (with the settings' FLOP target and distillation); tolerances are
+    not consulted -- the tolerance search is :func:`compress_bundle` without a target.
+    """
     settings = settings or CompressSettings()
     parent_net, calib = _prepare(bundle, dataset, settings, images)
-    pl = prepare_planning(parent_net, calib, settings, progress)
+    pl = prepare_planning(parent_net, calib, settings, progress, np.asarray(bundle.meta.thresholds))
     out = []
     for target in targets:
         t0 = time.perf_counter()
-        guard = holdout_guard(pl, settings.max_logit_delta) if settings.tolerances else None
-        walk, info = compress_to_target(pl, target, guard, progress)
-        out.append(_finish(bundle, calib, settings.replace(target_reduction=target), walk, info, [], report_data,
-                           speed, target, t0))
+        walk, info = compress_to_target(pl, target, progress, settings.target_flop_reduction)
+        net, distilled = finish_network(pl, walk)
+        out.append(_finish(bundle, calib, settings.replace(target_reduction=target), walk, net, distilled, info, [],
+                           report_data, speed, target, t0))
     return out

@@ -1,51 +1,12 @@
-"""The AUROC criterion, and the held-out guard that judges one compression step at a time."""
+"""The AUROC criterion a compression is judged by (point estimates; the statistical one is in ``tolerance``)."""
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from model.metrics import auroc_rows
 
-__all__ = ["WORST_LABEL_FACTOR", "HoldoutGuard", "auroc_within", "label_aurocs"]
-
-
-@dataclass
-class HoldoutGuard:
-    """Held-out acceptance test of one step: max |Δlogit| against a schedule, and the AUROC criterion.
-
-    AUROC on a few dozen images moves in coarse steps, so once the prefix has used up the AUROC
-    tolerance, a later step is still accepted if it leaves the AUROC deviations no worse.
-    """
-
-    ref_logits: np.ndarray
-    labels: np.ndarray
-    max_logit_delta: float | None
-    max_auroc_drop: float | None
-    ref_auroc: np.ndarray = field(init=False)
-    state: tuple[float, float] = (0.0, 0.0)
-    last: tuple[float, float] = (0.0, 0.0)
-
-    def __post_init__(self) -> None:
-        self.ref_auroc = label_aurocs(self.labels, self.ref_logits)
-
-    def check(self, logits: np.ndarray, fraction: float) -> tuple[bool, float, float]:
-        """Accept a step? The logit bound grows with the share of the planned error spent so far."""
-        dev = float(np.abs(logits - self.ref_logits).max()) if len(logits) else 0.0
-        tol = self.max_auroc_drop if self.max_auroc_drop is not None else math.inf
-        ok, mean, worst = auroc_within(self.ref_auroc, label_aurocs(self.labels, logits), tol)
-        if not ok and math.isfinite(tol):
-            ok = mean <= self.state[0] + 1e-12 and worst <= self.state[1] + 1e-12
-        self.last = (mean, worst)
-        if self.max_logit_delta is not None:
-            ok &= dev <= self.max_logit_delta * max(math.sqrt(max(fraction, 0.0)), 0.25)
-        return bool(ok), dev, worst
-
-    def commit(self) -> None:
-        """The last checked step was kept: its AUROC deviations are the new baseline."""
-        self.state = self.last
+__all__ = ["WORST_LABEL_FACTOR", "auroc_within", "label_aurocs"]
 
 
 #: A single label may move this many times the mean tolerance (the benchmark's 0.001 / 0.005 pair).

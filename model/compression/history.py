@@ -17,6 +17,7 @@ import numpy as np
 from engine.core.errors import BundleError, DataError
 from model.bundle import Bundle
 from model.compression.calibration import Calibration, prepare_calibration
+from model.compression.distill import distill
 from model.compression.modes import ReplayWalk
 from model.compression.passes import check_problem_sizes, consumer_names
 from model.compression.settings import CompressSettings, Progress
@@ -77,7 +78,7 @@ def settings_from_entry(entry: dict[str, Any], **over: Any) -> CompressSettings:
     """The settings a history entry was made with (``over``: seed/views of a re-fit on new images)."""
     cal = entry.get("calibration", {})
     return CompressSettings(
-        target_reduction=None, max_auroc_drop=None, max_logit_delta=None,
+        target_reduction=None, max_auroc_drop=None, max_logit_delta=None, max_flip_rate=None,
         holdout_fraction=float(cal.get("holdout_fraction", 0.2)), seed=int(over.get("seed", entry.get("seed", 0))),
         ridge=float(entry.get("ridge", 1e-3)), views=over.get("views", cal.get("views")),
         positions=int(entry.get("positions", 16384)), positions_3x3=int(entry.get("positions_3x3", 8192)),
@@ -99,7 +100,12 @@ def _replay_walk(parent: Bundle, entry: dict[str, Any], calib: Calibration, sett
     walk = ReplayWalk(parent_net, calib, settings, records=records, progress=progress)
     check_problem_sizes(parent_net, calib, walk.samples)
     walk.run()
-    return surgery(walk.work)
+    net = surgery(walk.work)
+    rec = entry.get("distill")
+    if rec:  # the recorded schedule, up to the epoch that was kept
+        net, _ = distill(net, parent_net, calib.fit, calib.hold, epochs=int(rec["epochs"]), lr=float(rec["lr"]),
+                         seed=settings.seed, keep_epoch=int(rec["kept_epoch"]))
+    return net
 
 
 def replay_compression(parent: Bundle, compressed_meta_or_entry: Any, dataset: NIHDataset, *,
@@ -149,8 +155,11 @@ def refit_to_parent(compressed: Bundle, parent: Bundle, dataset: NIHDataset, *, 
     if to_json_config(net.config) != compressed.meta.arch_config:
         raise BundleError("re-fitted network does not have the compressed bundle's architecture; its history "
                           "does not describe it")
+    extra: dict[str, Any] = {"previous_hash": compressed.content_hash()}
+    if entry.get("distill"):
+        extra["distill"] = entry["distill"]
     new_entry = history_entry(parent_hash, calib, settings, [dict(c) for c in entry["consumers"]], op="f_reopt",
-                              extra={"previous_hash": compressed.content_hash()})
+                              extra=extra)
     new_entry["calibration"]["holdout"] = False
     meta = compressed.meta.model_copy(update={"history": list(compressed.meta.history) + [new_entry],
                                               "parent_hash": parent_hash})

@@ -12,7 +12,7 @@ from torch import nn
 from model.bundle import Bundle, bundle_to_bytes
 from model.metrics import auroc_rows
 
-__all__ = ["count_macs", "measure_speed", "batched_logits", "fidelity", "compression_report"]
+__all__ = ["batched_logits", "compression_report", "count_macs", "fidelity", "measure_speed", "measure_speeds"]
 
 
 def count_macs(model: nn.Module, input_size: int, in_channels: int) -> int:
@@ -46,22 +46,36 @@ def count_macs(model: nn.Module, input_size: int, in_channels: int) -> int:
     return total
 
 
-def measure_speed(model: nn.Module, input_size: int, in_channels: int, *, batch: int, repeats: int = 5) -> float:
-    """Median seconds per forward pass of a ``batch`` on CPU (after one warm-up)."""
+def measure_speeds(models: dict[str, nn.Module], input_size: int, in_channels: int, *, batch: int,
+                   rounds: int = 7, inner: int = 2) -> dict[str, float]:
+    """Median seconds per forward pass of a ``batch`` on CPU for each model, timed A/B interleaved.
+
+    Each round runs every model ``inner`` times in turn, so a load change on a shared machine hits
+    all of them alike; the median over ``rounds`` drops the rounds a burst disturbed. One warm-up
+    pass each first (allocator, oneDNN primitive caches).
+    """
     x = torch.randn(batch, in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
-    was = model.training
-    model.eval()
-    times = []
+    was = {name: m.training for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
     try:
-        with torch.no_grad():
-            model(x)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t0)
+        with torch.inference_mode():
+            for m in models.values():
+                m.eval()(x)
+            for _ in range(rounds):
+                for name, m in models.items():
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        m(x)
+                    times[name].append((time.perf_counter() - t0) / inner)
     finally:
-        model.train(was)
-    return float(np.median(times))
+        for name, m in models.items():
+            m.train(was[name])
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def measure_speed(model: nn.Module, input_size: int, in_channels: int, *, batch: int, repeats: int = 5) -> float:
+    """Median seconds per forward pass of a ``batch`` on CPU (one model; see :func:`measure_speeds`)."""
+    return measure_speeds({"m": model}, input_size, in_channels, batch=batch, rounds=repeats, inner=1)["m"]
 
 
 def batched_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -127,11 +141,15 @@ def compression_report(parent: Bundle, compressed: Bundle, x: torch.Tensor, labe
             "file_bytes": len(bundle_to_bytes(b)),
         }
         r["flops"] = 2 * r["macs"]
-        if speed:
-            r["latency_b1_ms"] = 1000 * measure_speed(b.model, meta.input_size, meta.in_channels, batch=1, repeats=20)
-            r["throughput_b32_img_s"] = 32 / measure_speed(b.model, meta.input_size, meta.in_channels, batch=32, repeats=5)
         rows[key] = r
     p, c = rows["parent"], rows["compressed"]
+    if speed:  # both timed in the same run, interleaved
+        models = {"parent": parent.model, "compressed": compressed.model}
+        b1 = measure_speeds(models, meta.input_size, meta.in_channels, batch=1, rounds=15)
+        b32 = measure_speeds(models, meta.input_size, meta.in_channels, batch=32, rounds=5)
+        for key in models:
+            rows[key]["latency_b1_ms"] = 1000 * b1[key]
+            rows[key]["throughput_b32_img_s"] = 32 / b32[key]
     ratios = {
         "parameter_reduction": 1 - c["parameters"] / p["parameters"],
         "flop_reduction": 1 - c["macs"] / p["macs"],

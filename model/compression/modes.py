@@ -3,13 +3,12 @@
 * :class:`PlanWalk` measures elimination curves on the original activations; nothing changes.
 * :class:`ExactWalk` removes dead, constant and linearly dependent inputs only (lossless).
 * :class:`CompressWalk` does the exact removals, then eliminates inputs down to a plan's budgets
-  and re-fits; with a guard, a rejected step backs off to a larger budget.
+  and re-fits.
 * :class:`ReplayWalk` re-fits with the index sets and ridges a history entry recorded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,9 +16,7 @@ import torch
 from engine.core.errors import BundleError
 from model.compression.allocation import ConsumerCurves, Plan
 from model.compression.calibration import Calibration
-from model.compression.guard import HoldoutGuard
 from model.compression.least_squares import eliminate, ridge_from_json
-from model.compression.passes import logits_from_block
 from model.compression.settings import CompressSettings, Progress
 from model.compression.statistics import (
     DEPENDENT_TOL,
@@ -134,47 +131,25 @@ class ExactWalk(Walk):
         self.install_simple(site, free, "exact" if gone else "keep")
 
 
-def _ladder(k: int, full: int) -> list[int]:
-    """The budgets tried at one consumer: the planned one, then back off towards keeping all."""
-    return [k, k + (full - k) // 2, k + (4 * (full - k)) // 5, full]
-
-
 class CompressWalk(Walk):
-    """Exact removals, then backward elimination to the plan's budgets and least-squares re-fits.
-
-    With a ``guard`` every consumer's step is judged on the held-out inputs; a rejected step is
-    undone and retried with a larger budget (the last one on the ladder is always kept).
-    """
+    """Exact removals, then backward elimination to the plan's budgets and least-squares re-fits."""
 
     def __init__(self, parent: PrunedDenseNet, calib: Calibration, settings: CompressSettings, *, plan: Plan,
-                 sens: dict[str, torch.Tensor] | None = None, guard: HoldoutGuard | None = None,
-                 cache: dict[str, Any] | None = None, progress: Progress | None = None) -> None:
+                 sens: dict[str, torch.Tensor] | None = None, cache: dict[str, Any] | None = None,
+                 progress: Progress | None = None) -> None:
         super().__init__(parent, calib, settings, sens=sens, cache=cache, progress=progress)
         self.plan = plan
-        self.guard = guard
-        # Share of the plan's predicted error spent once each consumer is done (the guard's schedule).
-        total = sum(plan.error.values()) or 1.0
-        running, self.fraction = 0.0, {}
-        for name in self.names:
-            running += plan.error.get(name, 0.0)
-            self.fraction[name] = running / total if plan.error else 1.0
 
     def fit_dense(self, site: DenseSite) -> None:
         name, mid = site.name, site.mid
         n_in = len(site.candidates)
         found, _, free = _exact_free(site.conv1_moments, self.ranges[name], n_in, dependent=False)
         k_plan = min(self.plan.inputs.get(name, n_in), len(free))
-        mid_plan = self.plan.bottleneck.get(name, mid)
         order, _ = eliminate(site.conv1_moments, site.conv1_sens, self.settings.ridge, candidates=free,
                              stop=max(1, k_plan))
-
-        def install(budget: tuple[int, int]) -> None:
-            removed = set(order[: len(free) - budget[0]])
-            keep = torch.tensor([i for i in free.tolist() if i not in removed], dtype=torch.long)
-            self.install_dense(site, keep, budget[1], "ls", exact_info=found)
-
-        tries = list(dict.fromkeys(zip(_ladder(k_plan, len(free)), _ladder(mid_plan, mid))))
-        self._back_off(site.name, site.block, site.hold_now, tries, install, lambda: self.undo_dense(site))
+        removed = set(order[: len(free) - k_plan])
+        keep = torch.tensor([i for i in free.tolist() if i not in removed], dtype=torch.long)
+        self.install_dense(site, keep, self.plan.bottleneck.get(name, mid), "ls", exact_info=found)
 
     def bottleneck(self, site: DenseSite, conv2_in_now: torch.Tensor, request: Any,
                    exact_info: dict[str, list[int]] | None) -> BottleneckChoice:
@@ -194,37 +169,9 @@ class CompressWalk(Walk):
         self.exact_found[name] = {k: len(v) for k, v in found.items()}
         k_plan = min(self.plan.inputs.get(name, n_in), len(free))
         order, _ = eliminate(site.moments, site.sens, self.settings.ridge, candidates=free, stop=max(1, k_plan))
-
-        def install(budget: tuple[int, None]) -> None:
-            removed = set(order[: len(free) - budget[0]])
-            keep = torch.tensor([i for i in free.tolist() if i not in removed], dtype=torch.long)
-            self.install_simple(site, keep, "ls")
-
-        tries = [(k, None) for k in dict.fromkeys(_ladder(k_plan, len(free)))]
-        self._back_off(name, site.block, site.hold_now, tries, install, site.slot.undo)
-
-    def _back_off(self, name: str, b: int, hold_now: torch.Tensor | None, tries: list[tuple[int, int | None]],
-                  install: Callable[[Any], None], undo: Callable[[], None]) -> None:
-        """Install the planned budget; while the guard rejects a step, undo it and try the next one."""
-        for attempt, budget in enumerate(tries):
-            install(budget)
-            if len(tries) == 1:  # nothing removed here: nothing to back off to
-                break
-            if self._accepted(name, b, hold_now, attempt, *budget) or attempt == len(tries) - 1:
-                if self.guard is not None:
-                    self.guard.commit()
-                break
-            undo()
-
-    def _accepted(self, name: str, b: int, hold_now: torch.Tensor | None, attempt: int, k: int,
-                  kb: int | None) -> bool:
-        if self.guard is None:
-            return True
-        logits = logits_from_block(self.work, b, hold_now).numpy()
-        ok, dev, worst = self.guard.check(logits, self.fraction.get(name, 1.0))
-        self.guard_log.append({"consumer": name, "attempt": attempt, "k": k, "kb": kb, "max_dlogit": dev,
-                               "worst_auroc_delta": worst, "accepted": bool(ok)})
-        return ok
+        removed = set(order[: len(free) - k_plan])
+        keep = torch.tensor([i for i in free.tolist() if i not in removed], dtype=torch.long)
+        self.install_simple(site, keep, "ls")
 
 
 def local_positions(cand: torch.Tensor, keep: list[int], name: str) -> torch.Tensor:

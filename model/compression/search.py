@@ -15,14 +15,22 @@ import numpy as np
 import torch
 
 from engine.core.errors import BundleError
-from model.compression.allocation import ConsumerCurves, fixed_params, plan_for_error, plan_for_params
+from model.compression.allocation import (
+    ConsumerCurves,
+    Plan,
+    allocate,
+    fixed_params,
+    plan_for_budgets,
+    plan_for_params,
+)
 from model.compression.calibration import Calibration
-from model.compression.guard import HoldoutGuard, auroc_within
-from model.compression.measure import batched_logits, count_macs, fidelity
+from model.compression.distill import distill
+from model.compression.measure import batched_logits, count_macs
 from model.compression.modes import CompressWalk, ExactWalk, PlanWalk
 from model.compression.passes import check_problem_sizes, logit_sensitivities, sample_positions
 from model.compression.settings import CompressSettings, Progress
 from model.compression.surgery import surgery
+from model.compression.tolerance import judge_probe
 from model.compression.walk import Walk
 from model.nets.pruned import PrunedDenseNet
 
@@ -30,33 +38,11 @@ __all__ = [
     "SEARCH_RESOLUTION",
     "Planning",
     "prepare_planning",
-    "holdout_guard",
     "compress_to_target",
+    "finish_network",
     "search_tolerance",
     "run_compression",
 ]
-
-
-def _tolerance_ok(fid: dict[str, Any], settings: CompressSettings) -> bool:
-    ok = True
-    if settings.max_logit_delta is not None:
-        ok &= fid["max_abs_dlogit"] <= settings.max_logit_delta
-    if settings.max_auroc_drop is not None:
-        rows = [r for r in fid["labels"].values() if r["delta"] is not None]
-        ok &= auroc_within(np.array([r["auroc_ref"] for r in rows]), np.array([r["auroc_new"] for r in rows]),
-                           settings.max_auroc_drop)[0]
-    return bool(ok)
-
-
-def _default_logit_delta(settings: CompressSettings) -> float:
-    """Logit tolerance that steers the budget when only an AUROC tolerance is given.
-
-    AUROC on a few dozen held-out images moves in coarse steps, so on its own it would let the
-    selection fit the holdout's ranking; a logit bound keeps the deviation small everywhere.
-    """
-    if settings.max_logit_delta is not None:
-        return settings.max_logit_delta
-    return max(0.01, 50 * (settings.max_auroc_drop or 0.001))
 
 
 @dataclass
@@ -70,13 +56,17 @@ class Planning:
     curves: dict[str, ConsumerCurves]
     cache: dict[str, Any]
     hold_ref: np.ndarray
+    thresholds: np.ndarray
     flop_price: float
     total: int
     fixed: int
+    #: Multiply-adds per image of the whole parent, and of what no budget touches (stem, classifier).
+    macs: int
+    fixed_macs: int
 
 
 def prepare_planning(parent_net: PrunedDenseNet, calib: Calibration, settings: CompressSettings,
-                     progress: Progress | None) -> Planning:
+                     progress: Progress | None, thresholds: np.ndarray) -> Planning:
     """Sensitivities, then elimination curves of every consumer on the original activations."""
     cache: dict[str, Any] = {}
     samples = sample_positions(parent_net, calib.fit.shape[0], int(calib.fit.shape[-1]), settings)
@@ -91,28 +81,40 @@ def prepare_planning(parent_net: PrunedDenseNet, calib: Calibration, settings: C
     macs = count_macs(parent_net, size, int(calib.fit.shape[1]))
     hold_ref = (batched_logits(parent_net, calib.hold) if len(calib.hold)
                 else np.zeros((0, parent_net.classifier.out_features)))
+    consumer_macs = allocate(planner.curves, 0.0).macs  # every budget at its full width
     return Planning(parent_net, calib, settings, sens, planner.curves, cache, hold_ref,
-                    settings.flops_weight * total / max(macs, 1), total, fixed_params(parent_net))
+                    np.asarray(thresholds, dtype=np.float64), settings.flops_weight * total / max(macs, 1), total,
+                    fixed_params(parent_net), macs, max(0, macs - consumer_macs))
 
 
-def holdout_guard(pl: Planning, logit_tol: float | None) -> HoldoutGuard:
-    """A per-step guard on the calibration holdout (``compress_targets`` with tolerances)."""
-    return HoldoutGuard(pl.hold_ref, pl.calib.hold_labels, logit_tol, pl.settings.max_auroc_drop)
-
-
-def compress_to_target(pl: Planning, target: float, guard: HoldoutGuard | None, progress: Progress | None
-                       ) -> tuple[CompressWalk, dict[str, Any]]:
-    """One compression pass with the budgets that remove ``target`` of the parameters."""
+def _plan(pl: Planning, target: float, flop_target: float | None) -> Plan:
+    """The budgets removing ``target`` of the parameters (and ``flop_target`` of the multiply-adds)."""
     budget = int((1 - target) * pl.total) - pl.fixed
-    plan = plan_for_params(pl.curves, budget, pl.flop_price)
+    if flop_target is None:
+        plan = plan_for_params(pl.curves, budget, pl.flop_price)
+    else:
+        plan = plan_for_budgets(pl.curves, budget, (1 - flop_target) * pl.macs - pl.fixed_macs, pl.flop_price)
+        if plan is None:
+            floor = allocate(pl.curves, 1e40).macs + pl.fixed_macs
+            raise BundleError(f"FLOP reduction {flop_target:.3f} is out of reach: at most {1 - floor / pl.macs:.3f} of "
+                              f"the multiply-adds can go with one input channel per consumer")
     if plan.params > budget:
         smallest = (plan.params + pl.fixed) / pl.total
         raise BundleError(f"target reduction {target:.3f} is out of reach: at most {1 - smallest:.3f} of the "
                           f"parameters can go with one input channel per consumer")
-    walk = CompressWalk(pl.parent, pl.calib, pl.settings, sens=pl.sens, plan=plan, guard=guard, cache=pl.cache,
+    return plan
+
+
+def compress_to_target(pl: Planning, target: float, progress: Progress | None,
+                       flop_target: float | None = None) -> tuple[CompressWalk, dict[str, Any]]:
+    """One compression pass with the budgets that remove ``target`` of the parameters (and of the FLOPs)."""
+    plan = _plan(pl, target, flop_target)
+    walk = CompressWalk(pl.parent, pl.calib, pl.settings, sens=pl.sens, plan=plan, cache=pl.cache,
                         progress=progress).run()
-    return walk, {"mode": "target" + ("+tolerance" if guard else ""), "passes": 1, "lam": plan.lam,
-                  "planned_params": plan.params + pl.fixed, "predicted_sq_error": sum(plan.error.values())}
+    return walk, {"mode": "target", "passes": 1, "lam": plan.lam,
+                  "planned_params": plan.params + pl.fixed,
+                  "planned_flop_reduction": round(1 - (plan.macs + pl.fixed_macs) / max(pl.macs, 1), 6),
+                  "predicted_sq_error": sum(plan.error.values())}
 
 
 def _reachable_reduction(pl: Planning) -> float:
@@ -125,45 +127,53 @@ def _reachable_reduction(pl: Planning) -> float:
 SEARCH_RESOLUTION = 0.01
 
 
-def search_tolerance(pl: Planning, progress: Progress | None, log: list[str], cap: float | None = None
-                     ) -> tuple[Walk, dict[str, Any]]:
-    """The largest reduction (at most ``cap``) whose target pass stays inside the tolerances.
+def finish_network(pl: Planning, walk: Walk, progress: Progress | None = None
+                   ) -> tuple[PrunedDenseNet, dict[str, Any] | None]:
+    """Surgery, then (when the settings ask) distillation to the parent: the deployable network."""
+    net = surgery(walk.work)
+    if pl.settings.distill_epochs <= 0:
+        return net, None
+    return distill(net, pl.parent, pl.calib.fit, pl.calib.hold, epochs=pl.settings.distill_epochs,
+                   lr=pl.settings.distill_lr, seed=pl.settings.seed, progress=progress)
 
-    Each probe is one unguarded target pass (as ``--target-reduction``) judged once on the held-out
-    calibration part; the deviation grows with the reduction, so a bisection between the largest
-    passing and the smallest failing reduction needs few probes (``max_passes``). The first probe is
-    ``cap`` when given, else the reduction the planning curves predict for the logit tolerance. A
-    per-step guard that re-ran the held-out forward after every consumer took over 20 minutes on
-    2 cores; this takes at most ``max_passes`` target passes.
+
+def _judge(pl: Planning, net: PrunedDenseNet) -> dict[str, Any]:
+    return judge_probe(pl.hold_ref, batched_logits(net, pl.calib.hold), pl.calib.hold_labels, pl.thresholds,
+                       pl.settings, seed=pl.settings.seed)
+
+
+def search_tolerance(pl: Planning, progress: Progress | None, log: list[str], cap: float | None = None
+                     ) -> tuple[Walk, PrunedDenseNet, dict[str, Any] | None, dict[str, Any]]:
+    """The largest reduction (at most ``cap``) whose network stays inside the tolerances.
+
+    Each probe is one target pass (as ``--target-reduction``), judged on the held-out calibration
+    part by :func:`model.compression.tolerance.judge_probe` (intervals, not points). Fidelity falls
+    with the reduction, so a bisection between the largest passing and the smallest failing
+    reduction needs few probes (``max_passes``); the first is ``cap`` when given, else half the
+    reachable reduction. Probes are judged on their re-fitted network; the distillation of the
+    chosen one keeps the re-fit unless an epoch improves its held-out |Δlogit|.
     """
     settings = pl.settings
-    d_eff = _default_logit_delta(settings)
-    tol_settings = settings.replace(max_logit_delta=d_eff)
-    k_out = pl.parent.classifier.out_features
     lo, hi = 0.0, _reachable_reduction(pl)
-    if cap is not None:
-        hi = min(hi, cap)
-        r = hi
-    else:
-        guess = plan_for_error(pl.curves, k_out * (d_eff / 3.5) ** 2, pl.flop_price)
-        r = min(max(1.0 - (guess.params + pl.fixed) / pl.total, 2 * SEARCH_RESOLUTION), hi)
+    hi = min(hi, cap) if cap is not None else hi
+    r = hi if cap is not None else 0.5 * hi
     best: tuple[Walk, dict[str, Any]] | None = None
     probes: list[dict[str, Any]] = []
     for _ in range(settings.max_passes):
-        walk, _info = compress_to_target(pl, r, None, progress)
-        fid = fidelity(pl.hold_ref, batched_logits(walk.work, pl.calib.hold), pl.calib.hold_labels,
-                       [str(i) for i in range(k_out)], n_boot=1)
-        ok = _tolerance_ok(fid, tol_settings)
+        walk, _info = compress_to_target(pl, r, progress, settings.target_flop_reduction)
+        verdict = _judge(pl, surgery(walk.work))
+        ok = verdict["within_tolerance"]
         params = sum(q.numel() for q in surgery(walk.work).parameters())
-        probes.append({"target": round(r, 6), "params": params, "holdout_max_dlogit": fid["max_abs_dlogit"],
-                       "within_tolerance": ok})
-        log.append(f"probe {len(probes)}: target reduction {r:.3f}, {params:,} parameters, held-out max "
-                   f"|Δlogit| {fid['max_abs_dlogit']:.4g}, within tolerance: {ok}")
+        probes.append({"target": round(r, 6), "params": params, "within_tolerance": ok,
+                       "flip_rate": verdict["flip_rate"], "holdout_mean_dlogit": verdict["mean_abs_dlogit"],
+                       "holdout_max_dlogit": verdict["max_abs_dlogit"], "failed": verdict["failed"]})
+        log.append(f"probe {len(probes)}: target reduction {r:.3f}, {params:,} parameters, held-out flip rate "
+                   f"{verdict['flip_rate']['estimate']:.4%}, mean |Δlogit| {verdict['mean_abs_dlogit']:.4g}: "
+                   + ("within tolerance" if ok else "; ".join(verdict["failed"])))
         if ok:
             lo = r
             if best is None or params < best[1]["params"]:
-                best = (walk, {"mode": "tolerance", "target": round(r, 6), "params": params,
-                               "holdout_max_dlogit": fid["max_abs_dlogit"], "logit_tolerance": d_eff})
+                best = (walk, {"mode": "tolerance", "target": round(r, 6), "params": params})
         else:
             hi = r
         if hi - lo <= SEARCH_RESOLUTION or (ok and cap is not None and r >= cap):
@@ -172,20 +182,34 @@ def search_tolerance(pl: Planning, progress: Progress | None, log: list[str], ca
     if best is None:
         log.append("no probe met the tolerance; falling back to the exact stage only")
         walk = ExactWalk(pl.parent, pl.calib, settings, cache=pl.cache, progress=progress).run()
-        return walk, {"mode": "exact (fallback)", "passes": len(probes) + 1, "probes": probes}
+        return walk, surgery(walk.work), None, {"mode": "exact (fallback)", "passes": len(probes) + 1,
+                                                "probes": probes}
     walk, entry = best
-    entry.update(passes=len(probes), probes=probes)
-    return walk, entry
+    net, record = finish_network(pl, walk)
+    final = _judge(pl, net)
+    if record is not None and not final["within_tolerance"]:  # distillation may not undo a passing probe
+        log.append("the distilled network left the tolerances (" + "; ".join(final["failed"]) + "): kept the re-fit")
+        net, record, final = surgery(walk.work), None, _judge(pl, surgery(walk.work))
+    entry.update(passes=len(probes), probes=probes, final=final)
+    return walk, net, record, entry
 
 
 def run_compression(parent_net: PrunedDenseNet, calib: Calibration, settings: CompressSettings, *,
-                    progress: Progress | None, log: list[str]) -> tuple[Walk, dict[str, Any]]:
-    """The exact stage only, one target pass, or the tolerance search, as ``settings`` ask."""
+                    thresholds: np.ndarray, progress: Progress | None, log: list[str]
+                    ) -> tuple[Walk, PrunedDenseNet, dict[str, Any] | None, dict[str, Any]]:
+    """The exact stage only, one target pass, or the tolerance search, as ``settings`` ask.
+
+    Returns the walk (its records are the history), the deployable network, the distillation
+    record (None without one) and what was done.
+    """
     if settings.exact_only or (settings.target_reduction is None and not settings.tolerances):
         walk = ExactWalk(parent_net, calib, settings, progress=progress)
         check_problem_sizes(parent_net, calib, walk.samples)
-        return walk.run(), {"mode": "exact", "passes": 1}
-    pl = prepare_planning(parent_net, calib, settings, progress)
+        walk.run()
+        return walk, surgery(walk.work), None, {"mode": "exact", "passes": 1}
+    pl = prepare_planning(parent_net, calib, settings, progress, thresholds)
     if settings.target_reduction is not None and not settings.tolerances:
-        return compress_to_target(pl, settings.target_reduction, None, progress)
+        walk, info = compress_to_target(pl, settings.target_reduction, progress, settings.target_flop_reduction)
+        net, record = finish_network(pl, walk)
+        return walk, net, record, info
     return search_tolerance(pl, progress, log, cap=settings.target_reduction)

@@ -121,7 +121,6 @@ class Walk:
         self.progress = progress
         self.records: dict[str, dict[str, Any]] = {}
         self.exact_found: dict[str, dict[str, int]] = {}
-        self.guard_log: list[dict[str, Any]] = []
         self.names = consumer_names(parent)
         self.done = 0
         self.samples = sample_positions(parent, calib.fit.shape[0], int(calib.fit.shape[-1]), settings)
@@ -264,14 +263,14 @@ class Walk:
             norms.append(self.work.features.norm5)
         return norms
 
-    def fold(self, b: int, start: int, shift: torch.Tensor, sign: float = 1.0) -> None:
+    def fold(self, b: int, start: int, shift: torch.Tensor) -> None:
         """A produced bias ``shift`` on block ``b``'s channels ``start..`` moves into its readers' BN means."""
         lo, hi = start, start + len(shift)
         for norm in self._readers(b):
             idx = norm.index
             mask = (idx >= lo) & (idx < hi)
             if bool(mask.any()):
-                norm.running_mean[mask] -= sign * shift[idx[mask] - lo].to(norm.running_mean.dtype)
+                norm.running_mean[mask] -= shift[idx[mask] - lo].to(norm.running_mean.dtype)
 
     # ----------------------------------------------------------------- installing a dense layer
     def install_dense(self, site: DenseSite, keep_inputs: torch.Tensor, bottleneck: Any, fit: str, *,
@@ -356,17 +355,10 @@ class Walk:
             new.conv1.weight.copy_(w1[keep_mid][:, :, None, None])
             new.conv2.weight.copy_(w2.reshape(g, len(keep_mid), 3, 3))
         new.eval()
-        self._replaced = (lw, b2)
         self.work.blocks()[site.block][site.name.split(".")[1]] = new
         self.fold(site.block, site.offset, b2)
         with torch.no_grad():
             site.concat_now[:, site.offset : site.offset + g] = new(site.concat_now[:, : site.offset])
-
-    def undo_dense(self, site: DenseSite) -> None:
-        """Put back the layer the last :meth:`install_dense` replaced (and unfold its bias)."""
-        old, b2 = self._replaced
-        self.fold(site.block, site.offset, b2, sign=-1.0)
-        self.work.blocks()[site.block][site.name.split(".")[1]] = old
 
     # ----------------------------------------------------------------- installing a 1x1 consumer
     def install_simple(self, site: SimpleSite, keep: torch.Tensor, fit: str, *, ridge: float | None = None) -> None:
@@ -391,8 +383,6 @@ class _TransitionSlot:
     def __init__(self, walk: Walk, b: int, outputs: int) -> None:
         self.walk, self.b, self.outputs = walk, b, outputs
         self.name = f"transition{b + 1}"
-        self.old: PrunedTransition | None = None
-        self.bias: torch.Tensor | None = None
 
     def install(self, keep: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> list[int]:
         """Install the re-fitted transition; returns the kept input channels (block positions)."""
@@ -402,16 +392,10 @@ class _TransitionSlot:
         with torch.no_grad():
             new.conv.weight.copy_(w.reshape(self.outputs, len(keep), 1, 1))
         new.eval()
-        self.old, self.bias = cur, bias
         setattr(self.walk.work.features, self.name, new)
         if bias is not None:
             self.walk.fold(self.b + 1, 0, bias)
         return cur.norm.index[keep].tolist()
-
-    def undo(self) -> None:
-        if self.bias is not None:
-            self.walk.fold(self.b + 1, 0, self.bias, sign=-1.0)
-        setattr(self.walk.work.features, self.name, self.old)
 
 
 class _HeadSlot:
@@ -419,7 +403,6 @@ class _HeadSlot:
 
     def __init__(self, walk: Walk, outputs: int) -> None:
         self.walk, self.outputs = walk, outputs
-        self.old: tuple[SubsetBatchNorm2d, nn.Linear] | None = None
 
     def install(self, keep: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> list[int]:
         """Install the re-fitted head; returns the kept final channels."""
@@ -431,13 +414,9 @@ class _HeadSlot:
         with torch.no_grad():
             cls.weight.copy_(w)
             cls.bias.copy_(bias if bias is not None else cur_cls.bias)
-        self.old = (cur_n5, cur_cls)
         work.features.norm5 = n5_new.eval()
         work.classifier = cls
         return cur_n5.index[keep].tolist()
-
-    def undo(self) -> None:
-        self.walk.work.features.norm5, self.walk.work.classifier = self.old
 
 
 def copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, keep: torch.Tensor) -> None:
