@@ -178,6 +178,26 @@ def test_correct_writes_a_bundle_where_only_the_labels_row_differs(world, tmp_pa
         assert needle in clinical, needle
 
 
+def test_a_rejected_correction_is_kept_for_review_and_not_deployed(world, tmp_path: Path) -> None:
+    """Under the default policy the tiny net's zeroing is rejected (AUROC limit): the candidate stays in candidates/."""
+    root, model, _, bundle, fs = world
+    out = tmp_path / "c"
+    image = _false_positives(bundle, fs, LABEL)[1]
+    main(["correct", "--model", str(model), "--data", str(root / "data"), "--image", image, "--label", LABEL,
+          "--policy", str(POLICY), "--out", str(out)])
+    d = json.loads((out / "decision.json").read_text())
+    first = d["treatments"][0]["attempts"][0]
+    assert first["chosen"]["intervention"] == "zeroing" and first["result"] == "rejected"
+    kept = first["candidate_file"]
+    assert kept["deployed"] is False and not (out / "model.safetensors").exists()
+    cand = load_bundle(out / kept["path"])
+    k = bundle.labels.index(LABEL)
+    a, b = dict(bundle.model.state_dict()), dict(cand.model.state_dict())
+    assert [n for n in a if not torch.equal(a[n], b[n])] == ["classifier.weight", "classifier.bias"]
+    rows = torch.nonzero((a["classifier.weight"] != b["classifier.weight"]).any(dim=1)).flatten().tolist()
+    assert rows == [k] and int((a["classifier.bias"] != b["classifier.bias"]).sum()) == 1
+
+
 def test_correct_help() -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["correct", "--help"])
