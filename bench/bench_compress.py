@@ -258,6 +258,8 @@ def run_dataset(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     def ours(name: str, settings: CompressSettings) -> None:
         t0 = time.perf_counter()
         res = compress_bundle(parent, calib_ds, settings, report_data=report, speed=False)
+        slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+        save_bundle(res.bundle, work / f"{kind}_{slug}.safetensors")  # for triage, bench_correct, re-timing
         add(name, res.bundle.model, seconds=round(time.perf_counter() - t0, 1), strategy=res.report["strategy"],
             exact_stage=res.report["exact_stage"], distillation=res.report.get("distillation"))
 

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "channels of LABEL's classifier row, then a threshold above the image, then classifier retraining) are "
         "applied to a copy, verified on the patient-disjoint verify split (every reported image's Δprob, true "
         "positives lost on fit and verify, LABEL's AUROC, the other labels' logits bit-identical) and accepted "
-        "or escalated. Writes RUN_DIR/decision.json and, when the model changed, RUN_DIR/model.safetensors.",
+        "or escalated. Writes RUN_DIR/decision.json and, when the model changed, RUN_DIR/model.safetensors; a "
+        "rejected correction is kept for review (never deployed) in RUN_DIR/candidates/.",
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
