@@ -62,9 +62,9 @@ from model.compression import (  # noqa: E402
     measure_speeds,
     prepare_calibration,
 )
+from model.compression.measure import decision_flips  # noqa: E402
 from model.data import load_nih_dataset, read_images  # noqa: E402
 from model.features import to_model_input  # noqa: E402
-from model.metrics import sigmoid  # noqa: E402
 from model.train import train_bundle  # noqa: E402
 
 NIH1000 = REPO.parent / "shared" / "data" / "nih1000"
@@ -226,7 +226,7 @@ def _profile(model: torch.nn.Module, size: int, batch: int) -> dict[str, Any]:
 
 
 def _flips(ref: np.ndarray, new: np.ndarray, thresholds: np.ndarray) -> float:
-    return float(((sigmoid(new) >= thresholds) != (sigmoid(ref) >= thresholds)).mean())
+    return float(decision_flips(ref, new, thresholds).mean())
 
 
 # --------------------------------------------------------------------------- one dataset

@@ -52,7 +52,7 @@ from model.compression.api import CompressResult, compress_bundle, compress_targ
 from model.compression.calibration import Calibration, prepare_calibration
 from model.compression.guard import auroc_within
 from model.compression.history import latest_plan, refit_to_parent, replay_compression
-from model.compression.measure import compression_report, count_macs, fidelity, measure_speed, measure_speeds
+from model.compression.measure import compression_report, count_macs, fidelity, measure_speeds
 from model.compression.passes import consumer_names
 from model.compression.settings import CompressSettings
 from model.compression.surgery import surgery
@@ -70,7 +70,6 @@ __all__ = [
     "consumer_names",
     "surgery",
     "count_macs",
-    "measure_speed",
     "measure_speeds",
     "fidelity",
     "compression_report",

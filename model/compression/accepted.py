@@ -24,9 +24,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.core.errors import BundleError
 from model.bundle import Bundle
-from model.compression.measure import batched_logits
+from model.compression.measure import batched_logits, decision_flips
 from model.interval import Interval, unestimable
-from model.metrics import sigmoid
 from model.paired import paired_statistic, wilson_interval
 
 __all__ = [
@@ -106,8 +105,7 @@ def measure_fidelity(parent_logits: np.ndarray, logits: np.ndarray, parent_thres
         raise ValueError(f"logits {z.shape} and parent logits {pz.shape} must both be (N, {len(labels)})")
     label_level = 1 - (1 - level) / max(1, len(labels)) if label_level is None else label_level
     d = np.abs(z - pz)
-    flips = (sigmoid(z) >= np.asarray(thresholds, np.float64)) != (sigmoid(pz) >= np.asarray(parent_thresholds,
-                                                                                              np.float64))
+    flips = decision_flips(pz, z, parent_thresholds, thresholds)
     n = len(z)
     per_label = {
         name: LabelFidelity(

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from model.bundle import Bundle, bundle_to_bytes
-from model.metrics import auroc_rows
+from model.metrics import auroc_rows, sigmoid
 
-__all__ = ["batched_logits", "compression_report", "count_macs", "fidelity", "measure_speed", "measure_speeds"]
+__all__ = ["batched_logits", "compression_report", "count_macs", "decision_flips", "fidelity", "measure_speeds"]
 
 
 def count_macs(model: nn.Module, input_size: int, in_channels: int) -> int:
@@ -73,9 +73,12 @@ def measure_speeds(models: dict[str, nn.Module], input_size: int, in_channels: i
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def measure_speed(model: nn.Module, input_size: int, in_channels: int, *, batch: int, repeats: int = 5) -> float:
-    """Median seconds per forward pass of a ``batch`` on CPU (one model; see :func:`measure_speeds`)."""
-    return measure_speeds({"m": model}, input_size, in_channels, batch=batch, rounds=repeats, inner=1)["m"]
+def decision_flips(ref_logits: np.ndarray, new_logits: np.ndarray, ref_thresholds: np.ndarray,
+                   new_thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Boolean (image, label) matrix: where the two models' decisions at their thresholds differ."""
+    new_thr = ref_thresholds if new_thresholds is None else new_thresholds
+    return ((sigmoid(np.asarray(new_logits, np.float64)) >= np.asarray(new_thr, np.float64))
+            != (sigmoid(np.asarray(ref_logits, np.float64)) >= np.asarray(ref_thresholds, np.float64)))
 
 
 def batched_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:

@@ -161,9 +161,10 @@ def search_tolerance(pl: Planning, progress: Progress | None, log: list[str], ca
     probes: list[dict[str, Any]] = []
     for _ in range(settings.max_passes):
         walk, _info = compress_to_target(pl, r, progress, settings.target_flop_reduction)
-        verdict = _judge(pl, surgery(walk.work))
+        net = surgery(walk.work)
+        verdict = _judge(pl, net)
         ok = verdict["within_tolerance"]
-        params = sum(q.numel() for q in surgery(walk.work).parameters())
+        params = sum(q.numel() for q in net.parameters())
         probes.append({"target": round(r, 6), "params": params, "within_tolerance": ok,
                        "flip_rate": verdict["flip_rate"], "holdout_mean_dlogit": verdict["mean_abs_dlogit"],
                        "holdout_max_dlogit": verdict["max_abs_dlogit"], "failed": verdict["failed"]})
@@ -189,7 +190,8 @@ def search_tolerance(pl: Planning, progress: Progress | None, log: list[str], ca
     final = _judge(pl, net)
     if record is not None and not final["within_tolerance"]:  # distillation may not undo a passing probe
         log.append("the distilled network left the tolerances (" + "; ".join(final["failed"]) + "): kept the re-fit")
-        net, record, final = surgery(walk.work), None, _judge(pl, surgery(walk.work))
+        net, record = surgery(walk.work), None
+        final = _judge(pl, net)
     entry.update(passes=len(probes), probes=probes, final=final)
     return walk, net, record, entry
 

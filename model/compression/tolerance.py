@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from model.compression.guard import WORST_LABEL_FACTOR
+from model.compression.measure import decision_flips
 from model.compression.settings import CompressSettings
-from model.metrics import sigmoid
 from model.paired import paired_auroc_delta, paired_mean_auroc_delta, wilson_interval
 
 __all__ = ["TOLERANCE_BOOT", "judge_probe"]
@@ -40,7 +40,7 @@ def judge_probe(ref: np.ndarray, new: np.ndarray, labels: np.ndarray, thresholds
                 settings: CompressSettings, seed: int = 0) -> dict[str, Any]:
     """Whether ``new`` logits stay inside the tolerances against ``ref`` on held-out images; JSON-able."""
     n = len(ref)
-    flips = (sigmoid(new) >= thresholds) != (sigmoid(ref) >= thresholds)
+    flips = decision_flips(ref, new, thresholds)
     flip = wilson_interval(int(flips.sum()), int(flips.size))
     out: dict[str, Any] = {"n_images": int(n), "flip_rate": flip.to_dict(),
                            "mean_abs_dlogit": float(np.abs(new - ref).mean()) if n else 0.0,
