@@ -46,6 +46,7 @@ from model.nets import (
     pooled_features,
     to_json_config,
 )
+from model.nets.pruned import SubsetBatchNorm2d
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -142,6 +143,54 @@ def test_full_pruned_layout_reproduces_torchvision_densenet():
     rebuilt = build_model(ARCH_NAME, to_json_config(net.config))
     rebuilt.load_state_dict(net.state_dict())
     assert np.array_equal(_logits(rebuilt, x), _logits(net, x))
+
+
+@pytest.mark.parametrize("n, hw", [(1, 4), (1, 20), (3, 4), (3, 20)])
+def test_subset_gather_is_the_same_copy_on_every_layout(n, hw):
+    # Batch 1 (contiguous) and small maps take index_select, strided large maps advanced indexing:
+    # both must hand batch norm exactly the kept channels of the block buffer's slice.
+    norm = SubsetBatchNorm2d([0, 2, 3, 7, 9], in_width=10).eval()
+    buf = torch.randn(n, 12, hw, hw)
+    view = buf[:, :10]
+    expected = torch.stack([view[:, c] for c in (0, 2, 3, 7, 9)], dim=1)
+    assert torch.equal(norm.gather(view), expected)
+    assert torch.equal(norm.gather(view.contiguous()), expected)
+
+
+def test_inference_shortcuts_match_the_module_by_module_network():
+    # Inference pools before a transition's convolution and folds norm2 into conv1; the gradient
+    # path runs every module as torchvision does. Both must agree, and the fold must follow weight edits.
+    model = tiny_bundle().model
+    net = from_densenet(model).eval()
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0.0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.enable_grad():
+        reference = net(x).detach()
+    assert torch.allclose(_torch_logits(net, x), reference, rtol=1e-5, atol=1e-5)
+    layer = next(iter(net.blocks()[0].values()))
+    with torch.no_grad():
+        layer.norm2.weight.mul_(3.0)  # an in-place edit, as a re-fit or load_state_dict makes
+    with torch.enable_grad():
+        edited = net(x).detach()
+    assert not torch.allclose(edited, reference, atol=1e-3)
+    assert torch.allclose(_torch_logits(net, x), edited, rtol=1e-5, atol=1e-5)
+    # a hook on conv1 sees conv1 run (the multiply-add count relies on it)
+    seen = []
+    handle = layer.conv1.register_forward_hook(lambda *_: seen.append(1))
+    _torch_logits(net, x)
+    handle.remove()
+    assert seen
+    # pooling first: the transitions' convolutions run on a quarter of the positions
+    assert count_macs(net, 32, 3) < count_macs(model, 32, 3)
+
+
+def _torch_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net(x)
 
 
 def test_bad_config_is_rejected_with_the_key():

@@ -90,7 +90,7 @@ class SimpleSite:
     old_weight: torch.Tensor
     candidates: torch.Tensor
     outputs: int
-    #: Spatial positions per image of its inputs (1 for the pooled head).
+    #: Spatial positions per image its convolution runs at (a transition's pooled map; 1 for the head).
     hw: int
     slot: _TransitionSlot | _HeadSlot
     hold_now: torch.Tensor | None
@@ -246,7 +246,8 @@ class Walk:
         """A 1x1 consumer (transition or head): its moments, then the mode's step."""
         float64 = self.float64_statistics(name)
         moments = moments_of(rows(inputs_now), rows(outputs_orig), exact=float64, fold=fold)
-        hw = int(inputs_now.shape[2] * inputs_now.shape[3]) if inputs_now.dim() == 4 else 1
+        # Positions its 1x1 convolution runs at: a transition pools first (PrunedTransition), the head is pooled.
+        hw = (inputs_now.shape[2] // 2) * (inputs_now.shape[3] // 2) if kind == "transition" else 1
         self.fit_simple(SimpleSite(
             block=b, name=name, kind=kind, moments=moments,
             sens=self.sens.get(name, torch.ones(outputs, dtype=torch.float64)), old_weight=old_weight,

@@ -13,7 +13,9 @@ Cost of the subsets: a consumer gathers its channels by indexing (one copy of th
 channels, ``k·H·W`` values per image, about ``1/mid`` of the following 1x1 convolution's
 multiply-adds) unless it reads a contiguous prefix, which is a free view. In inference mode a block
 writes every layer's output into one preallocated buffer instead of re-concatenating the growing
-list of feature maps at every layer as torchvision does.
+list of feature maps at every layer as torchvision does, and a transition pools before its 1x1
+convolution (the two commute), so the convolution sees a quarter of the pixels, and a dense layer's
+``norm2`` is folded into ``conv1`` (cached; the modules keep their own weights and state-dict names).
 
 ``arch_config`` (JSON in the bundle) is everything needed to rebuild the net::
 
@@ -103,6 +105,11 @@ def decode_index(text: str | Sequence[int], *, where: str = "index") -> list[int
 
 
 # --------------------------------------------------------------------------- modules
+#: Feature maps up to this many pixels (12 x 12) gather by ``index_select`` even when strided: below it
+#: ``index_select`` was as fast as advanced indexing or faster at batch 32 (see ``SubsetBatchNorm2d.gather``).
+_SMALL_MAP = 144
+
+
 class SubsetBatchNorm2d(nn.BatchNorm2d):
     """Batch norm on a fixed subset of the input's channels (gathered first).
 
@@ -119,10 +126,13 @@ class SubsetBatchNorm2d(nn.BatchNorm2d):
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         if self.prefix:
             return x if x.shape[1] == self.num_features else x[:, : self.num_features]
-        # Advanced indexing, not index_select: the same copy, but index_select on the block buffer's
-        # channel slice (a strided view at batch > 1) took 2.6x as long (32 x 200 of 256 channels at
-        # 56 x 56: 309 ms against 120 ms on 2 cores), which made compressed models slower than their
-        # parent at 224 px, batch 32.
+        # The same copy two ways, whichever is faster for the layout (2 cores, 70 % of the channels):
+        # index_select on a contiguous tensor (batch 1) or a small map, advanced indexing on the block
+        # buffer's strided channel slice at batch > 1 on large maps, where index_select took 2.6-3x as
+        # long (32 x 179 of 256 channels at 56 x 56: 72 ms against 22 ms) and made compressed models
+        # slower than their parent at 224 px, batch 32. At batch 1 index_select is 2-3x faster.
+        if x.is_contiguous() or x.shape[2] * x.shape[3] <= _SMALL_MAP:
+            return x.index_select(1, self.index)
         return x[:, self.index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -130,6 +140,15 @@ class SubsetBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reads {self.num_features}/{self.in_width}"
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a hook watches one of ``modules`` (then they must run as themselves, not folded)."""
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class PrunedDenseLayer(nn.Module):
@@ -151,7 +170,31 @@ class PrunedDenseLayer(nn.Module):
         return self.conv1(self.relu1(self.norm1(concat)))
 
     def forward(self, concat: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.conv2(self.relu2(self.norm2(self.bottleneck(concat))))
+        if torch.is_grad_enabled() or self.training or _hooked(self.conv1, self.norm2):
+            return self.conv2(self.relu2(self.norm2(self.bottleneck(concat))))
+        # Inference: norm2 is an affine map right after conv1, so it folds into conv1's weights and a
+        # bias -- one pass over the bottleneck map less per layer (the same result to float rounding).
+        weight, bias = self._folded_conv1()
+        return self.conv2(self.relu2(F.conv2d(self.relu1(self.norm1(concat)), weight, bias)))
+
+    def _folded_conv1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``conv1`` with ``norm2`` folded in, cached until any of the five tensors changes.
+
+        The key is each tensor's storage and version counter: every in-place write (a re-fit,
+        ``load_state_dict``, zeroing) bumps the counter, and a copied module has new storage.
+        """
+        n2 = self.norm2
+        tensors = (self.conv1.weight, n2.weight, n2.bias, n2.running_mean, n2.running_var)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = getattr(self, "_fold_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                scale = n2.weight / torch.sqrt(n2.running_var + n2.eps)
+                weight = self.conv1.weight * scale[:, None, None, None]
+                bias = n2.bias - n2.running_mean * scale
+            cached = (key, weight, bias)
+            self._fold_cache = cached
+        return cached[1], cached[2]
 
 
 class PrunedDenseBlock(nn.ModuleDict):
@@ -188,6 +231,16 @@ class PrunedTransition(nn.Sequential):
         self.add_module("relu", nn.ReLU(inplace=True))
         self.add_module("conv", nn.Conv2d(len(index), out, kernel_size=1, stride=1, bias=False))
         self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        h = self.relu(self.norm(x))
+        if torch.is_grad_enabled():
+            # torchvision's order, which the compression's gradient passes measure sensitivities in.
+            return self.pool(self.conv(h))
+        # Inference: a 1x1 convolution without bias and 2x2 average pooling are both linear, so they
+        # commute; pooling first runs the convolution on a quarter of the pixels (the same result to
+        # float rounding, 3/4 of the transition's multiply-adds saved).
+        return self.conv(self.pool(h))
 
 
 class PrunedDenseNet(nn.Module):
