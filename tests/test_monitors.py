@@ -19,7 +19,8 @@ from torch import nn
 
 from engine.core.facts import FACT_KINDS, IssueFact
 from engine.monitors import ALWAYS_RUN, MonitorConfig, MonitorContext, available_monitors, get_monitor, run_monitors
-from engine.monitors.base import bootstrap_counts, weighted_auroc, weighted_ece, weighted_youden_threshold
+from engine.monitors.base import LabelData, bootstrap_counts, weighted_auroc, weighted_ece, weighted_youden_threshold
+from engine.monitors.calibration_drift import CalibrationDriftMonitor, _Findings, _SharedResamples
 from model.bundle import Bundle, new_bundle
 from model.features import FeatureSet
 from model.labels import CHEXNET_LABELS
@@ -304,6 +305,57 @@ def test_no_positives_still_checks_the_negatives_threshold_displacement(scenario
     assert "calibration_drift.ece" in cannot.evidence["skipped"] and "calibration_drift" not in cannot.evidence["skipped"]
     # unshifted, the same label raises nothing but the cannot_assess and the prevalence fact
     assert not [f for f in _of(run_monitors(ctx, MonitorConfig()), "calibration_drift") if f.label == "Atelectasis"]
+
+
+def _negatives_label(shift: float, fp: int, tn: int) -> LabelData:
+    """A label whose 400 negatives have standard-normal logits (plus ``shift``), no positives, a
+    deployed threshold at logit 2.5 and a reference that counted ``fp`` / ``tn`` at it."""
+    logits = np.random.default_rng(0).normal(size=400) + shift
+    return LabelData(k=0, name="Atelectasis", rows=np.arange(400), y=np.zeros(400, dtype=int), logits=logits,
+                     probs=sigmoid(logits), threshold=float(sigmoid(2.5)), reference={"fp": fp, "tn": tn})
+
+
+def test_threshold_displacement_treats_a_zero_count_reference_as_a_bound() -> None:
+    """0 reference false positives only says the threshold sat at least ~3 SD above the negatives: a
+    threshold now 6.5 SD above them is consistent with that (the parent's clean phantom audit fired
+    on exactly this); scores moved *up* past the bound still fire, and so does a counted reference."""
+    cfg = MonitorConfig()
+    check = CalibrationDriftMonitor()._check_negatives
+    below = _negatives_label(shift=-4.0, fp=0, tn=500)  # threshold 6.5 SD above the negatives now
+    assert CalibrationDriftMonitor._displacement(below, cfg.calibration_drift)["threshold_displacement_sd"] is None
+    assert check(below, cfg) is None
+    moved_up = check(_negatives_label(shift=3.0, fp=0, tn=500), cfg)  # threshold 0.5 SD below: FP rate ~0.7
+    assert moved_up is not None and moved_up.measured["threshold_displacement_sd"] < -3
+    counted = check(_negatives_label(shift=-4.0, fp=3, tn=497), cfg)  # reference sat at ~2.5 SD: a position
+    assert counted is not None and counted.measured["threshold_displacement_sd"] > 3
+    # the other side: a reference threshold below every negative, now further below them
+    low = _negatives_label(shift=6.0, fp=500, tn=0)
+    assert CalibrationDriftMonitor._displacement(low, cfg.calibration_drift)["threshold_displacement_sd"] is None
+
+
+def test_operating_point_allows_for_the_deployed_thresholds_own_selection_noise() -> None:
+    """A threshold off this data's best by a J loss that a Youden pick on a small reference makes by
+    chance is no drift; the same loss against a reference of thousands is."""
+    rng = np.random.default_rng(3)
+    y = (rng.random(3000) < 0.1).astype(int)
+    logits = rng.normal(size=3000) + 1.2 * y - 2.0  # AUROC ~0.8: a flat J curve
+    probs = sigmoid(logits)
+    def check(ref_n: int):
+        cfg = MonitorConfig()
+        # deployed threshold where the J loss on this data is about 0.2
+        lab = LabelData(k=0, name="Atelectasis", rows=np.arange(3000), y=y, logits=logits, probs=probs,
+                        threshold=float(sigmoid(-2.0 + 1.8)), reference={"n": ref_n, "prevalence": 0.1})
+        counts = bootstrap_counts(3000, cfg.calibration_drift.n_boot, 0)
+        found = _Findings(_SharedResamples(lambda n_boot: counts, cfg.calibration_drift.n_boot))
+        CalibrationDriftMonitor._operating_point_test(lab, cfg.calibration_drift, 2.7, found,
+                                                      tail=0.05 / 14, seed=[0, 2, 0])
+        return found
+
+    small, large = check(60), check(5000)
+    assert small.measured["j_loss"] == large.measured["j_loss"] and large.measured["j_loss_lower"] >= 0.05
+    assert small.measured["j_loss_selection_quantile"] > small.measured["j_loss"] > large.measured[
+        "j_loss_selection_quantile"]
+    assert not small.fired and "calibration_drift.min_j_loss" in large.fired
 
 
 # ------------------------------------------------------------------------------------------------

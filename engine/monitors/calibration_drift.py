@@ -12,7 +12,8 @@ small held-out part the reference was measured on). The two statistical ones are
 * **operating point**: the Youden-J threshold on this data is at least ``threshold_shift`` away from
   the deployed threshold, the deployed threshold costs at least ``min_j_loss`` of Youden's J against
   the best threshold (bias-corrected lower confidence bound: J curves are often flat, so the Youden
-  threshold alone wanders by noise), and the AUROC is intact (>= ``min_auroc_ratio`` x reference):
+  threshold alone wanders by noise) and more than a threshold picked as the deployed one was (Youden
+  on a reference-sized sample of this data) loses at the family-wise level, and the AUROC is intact (>= ``min_auroc_ratio`` x reference):
   an operating-point problem that re-thresholding can fix, not a ranking problem;
 * **threshold displacement**: the reference's false-positive rate at its threshold says where that
   threshold sat in the negatives' logit distribution (a normal quantile, continuity-clipped, so a
@@ -20,7 +21,9 @@ small held-out part the reference was measured on). The two statistical ones are
   ``(logit(t) - median) / robust SD`` of the negatives' logits. Fires when the two differ by at
   least ``max_threshold_displacement`` SDs: the scores moved wholesale against the threshold, as
   after a new scanner, whichever way. Negatives only, so a prevalence shift does not move it, and
-  it is still checked on a label with too few positives for anything else (then alone).
+  it is still checked on a label with too few positives for anything else (then alone). A reference
+  threshold above (below) every reference negative only bounds its position: a threshold still
+  further out on that side is not displaced (censored, recorded as not assessable).
 
 The fact carries ``auroc_intact``, ``youden_threshold``, ``deployed_threshold``, ``ece`` and ``auroc``:
 the rules allow "threshold only" treatments only while ranking is intact.
@@ -45,6 +48,7 @@ from engine.monitors.base import (
     severity_for,
     weighted_ece,
     weighted_j_curve,
+    weighted_youden_threshold,
 )
 from model.metrics import (
     auroc,
@@ -121,9 +125,19 @@ class CalibrationDriftMonitor(Monitor):
         q75, median, q25 = np.percentile(neg, [75, 50, 25])
         scale = max((q75 - q25) / 1.349, cfg.min_logit_scale)
         z_now = (logit(t) - median) / scale
-        return {"threshold_displacement_sd": float(z_now - z_ref), "fp_rate": float((sigmoid(neg) >= t).mean()),
-                "reference_fp_rate": float(fp / n0), "negatives_logit_median": float(median),
-                "negatives_logit_scale": float(scale)}
+        out = {"threshold_displacement_sd": float(z_now - z_ref), "fp_rate": float((sigmoid(neg) >= t).mean()),
+               "reference_fp_rate": float(fp / n0), "negatives_logit_median": float(median),
+               "negatives_logit_scale": float(scale)}
+        # A reference threshold above every reference negative (0 false positives) or below every one
+        # sat *at least* z_ref SDs out: a bound, not a position. A threshold now further out on that
+        # side is consistent with it, so there is no displacement to measure.
+        side = "above" if fp == 0 and z_now >= z_ref else "below" if tn == 0 and z_now <= z_ref else None
+        if side is not None:
+            out["threshold_displacement_sd"] = None
+            out["threshold_displacement_reason"] = (
+                f"the reference threshold sat {side} all {n0:g} reference negatives, so only a bound on its "
+                f"position ({abs(z_ref):.1f} SD or more) is known, and it sits further {side} them now")
+        return out
 
     def _check_negatives(self, lab: LabelData, config: MonitorConfig) -> IssueFact | None:
         """The threshold-displacement criterion alone, for a label with too few positives for the rest.
@@ -133,7 +147,8 @@ class CalibrationDriftMonitor(Monitor):
         """
         cfg = config.calibration_drift
         disp = self._displacement(lab, cfg)
-        if disp is None or abs(disp["threshold_displacement_sd"]) < cfg.max_threshold_displacement:
+        if (disp is None or disp["threshold_displacement_sd"] is None
+                or abs(disp["threshold_displacement_sd"]) < cfg.max_threshold_displacement):
             return None
         d = disp["threshold_displacement_sd"]
         severity = severity_for(abs(d), cfg.max_threshold_displacement, config)
@@ -171,13 +186,17 @@ class CalibrationDriftMonitor(Monitor):
         if youden is None:  # no operating point to compare with: not assessable, never "passed"
             found.not_assessable["operating_point"] = fit.reason
         elif auroc_intact and abs(youden - lab.threshold) >= cfg.threshold_shift:
-            self._operating_point_test(lab, cfg, z, found)
+            self._operating_point_test(lab, cfg, z, found, tail=cfg.alpha / max(family, 1),
+                                       seed=[config.seed, 2, lab.k])
         disp = self._displacement(lab, cfg)
         if disp is not None:
             found.measured.update(disp)
-            if abs(disp["threshold_displacement_sd"]) >= cfg.max_threshold_displacement:
+            d = disp["threshold_displacement_sd"]
+            if d is None:
+                found.not_assessable["threshold_displacement"] = disp["threshold_displacement_reason"]
+            elif abs(d) >= cfg.max_threshold_displacement:
                 found.fire({f"{_SECTION}.max_threshold_displacement": cfg.max_threshold_displacement},
-                           abs(disp["threshold_displacement_sd"]), cfg.max_threshold_displacement)
+                           abs(d), cfg.max_threshold_displacement)
         if not found.fired:
             return None
         return self._drift_fact(lab, config, found, ece_adj=ece_adj, auc=auc, youden=youden,
@@ -207,9 +226,10 @@ class CalibrationDriftMonitor(Monitor):
         return ece_adj
 
     @staticmethod
-    def _operating_point_test(lab: LabelData, cfg, z: float, found: "_Findings") -> None:
+    def _operating_point_test(lab: LabelData, cfg, z: float, found: "_Findings", *, tail: float, seed) -> None:
         """The deployed threshold lost Youden J against the best one, by more than the bootstrap says
-        chance would (the best threshold's J is optimistic on the data it was chosen on)."""
+        chance would (the best threshold's J is optimistic on the data it was chosen on), and by more
+        than a threshold chosen the way it was would lose without any drift (:func:`_selection_null`)."""
         y, p, deployed = lab.y, lab.probs, lab.threshold
         values, j_point = weighted_j_curve(y, p, np.ones((1, len(y)), dtype=np.float32))
         j_loss = float(np.nanmax(j_point[0]) - j_at(values, j_point, deployed)[0])
@@ -223,10 +243,20 @@ class CalibrationDriftMonitor(Monitor):
         j_loss_lower = (float(2 * j_loss - loss_boot.mean() - z * loss_boot.std(ddof=1))
                         if len(loss_boot) > 1 else float("nan"))
         found.measured["j_loss_lower"] = j_loss_lower
-        if j_loss_lower >= cfg.min_j_loss:
-            found.fire({f"{_SECTION}.threshold_shift": cfg.threshold_shift,
-                        f"{_SECTION}.min_j_loss": cfg.min_j_loss,
-                        f"{_SECTION}.min_auroc_ratio": cfg.min_auroc_ratio}, j_loss, cfg.min_j_loss)
+        if j_loss_lower < cfg.min_j_loss:
+            return
+        null = _selection_null(lab, values, j_point[0], tail, seed)
+        if null is not None:
+            found.measured.update(null)
+            if j_loss <= null["j_loss_selection_quantile"]:
+                return
+        else:
+            found.not_assessable["operating_point_selection_noise"] = (
+                "the reference records no size or prevalence, so the deployed threshold's own selection "
+                "noise could not be allowed for")
+        found.fire({f"{_SECTION}.threshold_shift": cfg.threshold_shift,
+                    f"{_SECTION}.min_j_loss": cfg.min_j_loss,
+                    f"{_SECTION}.min_auroc_ratio": cfg.min_auroc_ratio}, j_loss, cfg.min_j_loss)
 
     def _drift_fact(self, lab: LabelData, config: MonitorConfig, found: "_Findings", *, ece_adj: float,
                     auc: float, youden: float | None, auroc_intact: bool, reliable: bool) -> IssueFact:
@@ -278,6 +308,41 @@ class CalibrationDriftMonitor(Monitor):
                       "reference_detail": {k: ref.get(k) for k in ("calibration_slope", "calibration_intercept",
                                                                    "threshold", "prevalence", "fp", "tn", "n")}},
         )
+
+
+#: Draws of the reference-sized samples in :func:`_selection_null` (a tail quantile at alpha / 14
+#: needs more than the bootstrap's 200).
+_SELECTION_DRAWS = 1000
+
+
+def _selection_null(lab: LabelData, values: np.ndarray, j_curve: np.ndarray, tail: float,
+                    seed) -> dict[str, float] | None:
+    """How much Youden J a threshold loses on this data when it was chosen as the deployed one was:
+    by Youden J on a sample of the reference's size and class balance from the same distribution.
+
+    The deployed threshold was fitted on a few hundred images, so even without drift it sits off
+    this data's best threshold (a flat J curve and a few dozen positives move the Youden point a
+    lot). This data stands in for the distribution: reference-sized samples are drawn from it
+    (stratified at the reference prevalence), each one's Youden threshold is judged on this data's
+    J curve, and the ``1 - tail`` quantile of those losses is what "no drift" allows. None when the
+    reference does not record its size and prevalence.
+    """
+    ref_n, prev = lab.reference.get("n"), lab.reference.get("prevalence")
+    pos, neg = np.flatnonzero(lab.y == 1), np.flatnonzero(lab.y == 0)
+    if not ref_n or prev is None or not 0 < prev < 1 or not len(pos) or not len(neg):
+        return None
+    n_pos = min(max(int(round(prev * ref_n)), 1), int(ref_n) - 1)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((_SELECTION_DRAWS, len(lab.y)), dtype=np.float32)
+    for rows, k in ((pos, n_pos), (neg, int(ref_n) - n_pos)):
+        draws = rows[rng.integers(0, len(rows), size=(_SELECTION_DRAWS, k))]
+        for b in range(_SELECTION_DRAWS):
+            counts[b] += np.bincount(draws[b], minlength=len(lab.y))
+    chosen = weighted_youden_threshold(lab.y, lab.probs, counts)
+    best = float(np.nanmax(j_curve))
+    losses = np.array([best - float(j_at(values, j_curve[None, :], t)[0]) for t in chosen])
+    return {"j_loss_selection_quantile": float(np.quantile(losses, 1 - tail)),
+            "j_loss_selection_median": float(np.median(losses)), "selection_reference_n": float(ref_n)}
 
 
 class _SharedResamples:
