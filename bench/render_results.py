@@ -418,7 +418,8 @@ def render_text(results_dir: Path = RESULTS, *, now: datetime | None = None) -> 
         f"`{display_path(results_dir)}/*.json` ({len(present)} of {len(BENCHES)} benchmarks have results). "
         "Re-run everything with `python bench/run_all`; see each section for its command.", "",
         *table(("", ""), [
-            ("Machine", f"{m['cpu']}, {m['cores']} cores"),
+            ("Machine", f"{m['cpu']}, {m['cores']} cores (where this file was rendered; each section's "
+                        "provenance dates its run)"),
             ("Software", f"torch {m['torch']}, Python {m['python']}"),
             ("Threads", (", ".join(threads) + " (run_all --threads)") if threads
              else "see each section (no run_all manifest)"),

@@ -13,7 +13,8 @@ small held-out part the reference was measured on). The two statistical ones are
   the deployed threshold, the deployed threshold costs at least ``min_j_loss`` of Youden's J against
   the best threshold (bias-corrected lower confidence bound: J curves are often flat, so the Youden
   threshold alone wanders by noise) and more than a threshold picked as the deployed one was (Youden
-  on a reference-sized sample of this data) loses at the family-wise level, and the AUROC is intact (>= ``min_auroc_ratio`` x reference):
+  on a reference-sized sample of this data) loses at the family-wise level, and the AUROC is intact
+  (>= ``min_auroc_ratio`` x reference):
   an operating-point problem that re-thresholding can fix, not a ranking problem;
 * **threshold displacement**: the reference's false-positive rate at its threshold says where that
   threshold sat in the negatives' logit distribution (a normal quantile, continuity-clipped, so a
