@@ -165,9 +165,13 @@ class PrunedDenseLayer(nn.Module):
         self.in_width = int(in_width)
         self.out_channels = int(out)
 
+    def _conv1_input(self, concat: torch.Tensor) -> torch.Tensor:
+        """What ``conv1`` reads: BN-ReLU of this layer's channel subset (shared by both forward paths)."""
+        return self.relu1(self.norm1(concat))
+
     def bottleneck(self, concat: torch.Tensor) -> torch.Tensor:
         """The pre-``norm2`` bottleneck map (``conv1`` output)."""
-        return self.conv1(self.relu1(self.norm1(concat)))
+        return self.conv1(self._conv1_input(concat))
 
     def forward(self, concat: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if torch.is_grad_enabled() or self.training or _hooked(self.conv1, self.norm2):
@@ -175,7 +179,7 @@ class PrunedDenseLayer(nn.Module):
         # Inference: norm2 is an affine map right after conv1, so it folds into conv1's weights and a
         # bias -- one pass over the bottleneck map less per layer (the same result to float rounding).
         weight, bias = self._folded_conv1()
-        return self.conv2(self.relu2(F.conv2d(self.relu1(self.norm1(concat)), weight, bias)))
+        return self.conv2(self.relu2(F.conv2d(self._conv1_input(concat), weight, bias)))
 
     def _folded_conv1(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``conv1`` with ``norm2`` folded in, cached until any of the five tensors changes.
