@@ -19,7 +19,14 @@ from torch import nn
 
 from engine.core.facts import FACT_KINDS, IssueFact
 from engine.monitors import ALWAYS_RUN, MonitorConfig, MonitorContext, available_monitors, get_monitor, run_monitors
-from engine.monitors.base import LabelData, bootstrap_counts, weighted_auroc, weighted_ece, weighted_youden_threshold
+from engine.monitors.base import (
+    LabelData,
+    bootstrap_counts,
+    sampled_youden_thresholds,
+    weighted_auroc,
+    weighted_ece,
+    weighted_youden_threshold,
+)
 from engine.monitors.calibration_drift import CalibrationDriftMonitor, _Findings, _SharedResamples
 from model.bundle import Bundle, new_bundle
 from model.features import FeatureSet
@@ -331,6 +338,21 @@ def test_threshold_displacement_treats_a_zero_count_reference_as_a_bound() -> No
     # the other side: a reference threshold below every negative, now further below them
     low = _negatives_label(shift=6.0, fp=500, tn=0)
     assert CalibrationDriftMonitor._displacement(low, cfg.calibration_drift)["threshold_displacement_sd"] is None
+
+
+def test_sampled_youden_thresholds_are_each_samples_own_best_score() -> None:
+    """Per sample: a score it holds, with the sample's largest J, the lowest such score (ties included)."""
+    rng = np.random.default_rng(5)
+    y = (rng.random(400) < 0.2).astype(int)
+    scores = np.round(rng.random(400) * (0.5 + 0.4 * y), 2)  # coarse: many tied scores
+    rows = np.concatenate([rng.choice(np.flatnonzero(y == 1), size=(50, 15)),
+                           rng.choice(np.flatnonzero(y == 0), size=(50, 45))], axis=1)
+    got = sampled_youden_thresholds(y, scores, rows)
+    for b in range(50):
+        ys, ss = y[rows[b]], scores[rows[b]]
+        j = {t: (ss[ys == 1] >= t).mean() - (ss[ys == 0] >= t).mean() for t in np.unique(ss)}
+        best = max(j.values())
+        assert got[b] == min(t for t, v in j.items() if v == best)
 
 
 def test_operating_point_allows_for_the_deployed_thresholds_own_selection_noise() -> None:

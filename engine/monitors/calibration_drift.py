@@ -46,6 +46,7 @@ from engine.monitors.base import (
     comparable,
     iter_labels,
     j_at,
+    sampled_youden_thresholds,
     severity_for,
     weighted_ece,
     weighted_j_curve,
@@ -332,24 +333,11 @@ def _selection_null(lab: LabelData, values: np.ndarray, j_curve: np.ndarray, tai
     if not ref_n or prev is None or not 0 < prev < 1 or not len(pos) or not len(neg):
         return None
     n_pos = min(max(int(round(prev * ref_n)), 1), int(ref_n) - 1)
-    n_neg = int(ref_n) - n_pos
     rng = np.random.default_rng(seed)
     rows = np.concatenate([pos[rng.integers(0, len(pos), size=(_SELECTION_DRAWS, n_pos))],
-                           neg[rng.integers(0, len(neg), size=(_SELECTION_DRAWS, n_neg))]], axis=1)
-    # Each sample's Youden threshold, on the sample itself (cost independent of this data's size):
-    # ``score >= t`` at each distinct sorted score, the lowest of equal maxima (as weighted_youden_threshold).
-    # Sorted as integer keys (dense rank of the score, then the label bit): much faster than argsort.
-    distinct, rank = np.unique(lab.probs, return_inverse=True)
-    keys = np.sort((rank[rows] * 2 + lab.y[rows]).astype(np.int64), axis=1)
-    y, rank = keys & 1, keys >> 1
-    pos_below = np.cumsum(y, axis=1) - y
-    neg_below = np.arange(int(ref_n)) - pos_below
-    j = (n_pos - pos_below) / n_pos - (n_neg - neg_below) / n_neg
-    first_of_value = np.ones(keys.shape, dtype=bool)
-    first_of_value[:, 1:] = rank[:, 1:] != rank[:, :-1]
-    best_at = np.argmax(np.where(first_of_value, j, -np.inf), axis=1)
-    chosen = distinct[rank[np.arange(_SELECTION_DRAWS), best_at]]
-    # ... judged on this data's J curve (j_at: 0 where no score reaches the threshold)
+                           neg[rng.integers(0, len(neg), size=(_SELECTION_DRAWS, int(ref_n) - n_pos))]], axis=1)
+    chosen = sampled_youden_thresholds(lab.y, lab.probs, rows)
+    # each sample's threshold judged on this data's J curve (as j_at: 0 where no score reaches it)
     at = np.append(j_curve, 0.0)[np.searchsorted(values, chosen, side="left")]
     losses = float(np.nanmax(j_curve)) - at
     return {"j_loss_selection_quantile": float(np.quantile(losses, 1 - tail)),
