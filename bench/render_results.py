@@ -340,7 +340,20 @@ def _load_manifest(results_dir: Path) -> dict[str, Any]:
 
 
 def _file_time(path: Path) -> str:
-    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    """When the JSON was written: its commit time while it matches the last commit that changed it
+    (a checkout resets every file's mtime, so the mtime would date the clone), else its mtime."""
+    def stamp(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        changed = subprocess.run(["git", "status", "--porcelain", "--", path.name], cwd=path.parent,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        committed = subprocess.run(["git", "log", "-1", "--format=%ct", "--", path.name], cwd=path.parent,
+                                   capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        changed, committed = "", ""
+    if committed and not changed:
+        return f"committed {stamp(int(committed))}"
+    return f"written {stamp(path.stat().st_mtime)}"
 
 
 def _status_words(run: dict[str, Any]) -> str:
@@ -356,7 +369,7 @@ def _provenance(bench: Bench, path: Path, data: dict[str, Any] | None, run: dict
                  "so the settings it ran with may differ)", ""]
     bits = []
     if path.is_file():
-        bits.append(f"JSON `{display_path(path)}` written {_file_time(path)}")
+        bits.append(f"JSON `{display_path(path)}` {_file_time(path)}")
         date = get(data, "environment", "date")
         if date:
             bits.append(f"dated {date} by the script")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -207,3 +208,22 @@ def test_run_all_reports_a_failure_and_runs_the_rest(tmp_path: Path, monkeypatch
     assert runs["fake_nojson"]["status"] == "no-json"
     assert runs["fake_ok"]["status"] == "ok" and json.loads((results / "fake_ok.json").read_text()) == {"x": 1}
     assert (tmp_path / "R.md").is_file()
+
+
+def test_provenance_dates_a_committed_json_by_its_commit_not_its_checkout(tmp_path: Path) -> None:
+    """A clone resets every mtime: an unchanged committed JSON is dated by its commit, a changed one by its mtime."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    path = tmp_path / "monitors.json"
+    path.write_text("{}")
+    env = {**os.environ, "GIT_COMMITTER_DATE": "2026-11-20T10:30:00+00:00",
+           "GIT_AUTHOR_DATE": "2026-11-20T10:30:00+00:00"}
+    subprocess.run([*git, "add", "monitors.json"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "r"], cwd=tmp_path, check=True, env=env)
+    assert rr._file_time(path) == "committed 2026-11-20 10:30 UTC"
+    path.write_text('{"changed": 1}')
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    assert rr._file_time(path) == f"written {stamp}"
+    untracked = tmp_path / "new.json"
+    untracked.write_text("{}")
+    assert rr._file_time(untracked).startswith("written ")

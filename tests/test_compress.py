@@ -7,7 +7,6 @@ stage with logits unchanged to 1e-5 on held-out images.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from model.nets import (
     PrunedDenseNet,
     arch_config,
     build_model,
-    config_from_densenet,
     count_parameters,
     decode_index,
     encode_index,

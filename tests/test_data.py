@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import NIH1000, random_rows, requires_nih1000, write_nih_dataset
+from conftest import NIH1000, random_rows, requires_nih1000
 from engine.core.errors import DataError
 from model.data import MAX_IMAGE_PIXELS, load_nih_dataset, patient_disjoint_split, read_image, read_images
 from model.labels import CHEXNET_LABELS

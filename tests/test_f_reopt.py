@@ -8,7 +8,6 @@ with the wrong parent, or on an uncompressed model.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
