@@ -22,6 +22,14 @@ on phantoms. One model is trained per scenario family and reused for all its sce
   (80 % of a new phantom set's patients) with the shortcut injected (hit = fp_cluster on LABEL) and
   without (false alarm = any actionable fact).
 
+Part 3 (minutes, with part 2): the level of calibration_drift's operating-point null on clean
+data. The clean-trained model scores ``--null-population`` new phantoms; per label, ``--null-draws``
+times, a reference of the model's reference size and an audit of ``--n-eval`` images are drawn
+apart from them, the reference's Youden threshold plays the deployed one, and its J loss on the
+audit is compared with the null's 95 % quantile. Without drift it should exceed it about 5 % of
+the time. Beside the monitor's null (samples judged on independent bootstrap replicas of the
+audit) the naive one that judges them on the audit's own J curve is measured.
+
 Usage::
 
     python bench/bench_monitors.py                      # timing + 2 scenarios per fault (~10 min, 1 thread)
@@ -52,7 +60,10 @@ from engine.monitors.base import run_memo  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.features import FeatureSet  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
+from engine.monitors.base import LabelData, bootstrap_counts, j_at, sampled_youden_thresholds, weighted_j_curve  # noqa: E402
+from engine.monitors.calibration_drift import _SELECTION_DRAWS, _selection_null  # noqa: E402
 from model.metrics import numeric_rows, per_label_metrics, sigmoid, youden_threshold  # noqa: E402
+from model.paired import wilson_interval  # noqa: E402
 
 K = len(CHEXNET_LABELS)
 
@@ -208,6 +219,8 @@ def bench_detection(args: argparse.Namespace, work: Path) -> dict:
                 detail[spec] = [f for f in facts if not f.startswith("cannot_assess")]
             fam["details"].append(detail)
         results["clean-trained"] = fam
+        if args.null_draws:
+            results["null_level"] = bench_null_level(bundle, work, args)
     if "shortcut-trained" in args.families:
         label = args.shortcut_label
         base = generate_phantoms(work / "train_sc_src", args.n_train, size=args.size, seed=1)
@@ -227,6 +240,67 @@ def bench_detection(args: argparse.Namespace, work: Path) -> dict:
         results["shortcut-trained"] = fam
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 3: the level of calibration_drift's operating-point null on clean data
+
+
+def _own_curve_quantile(lab: LabelData, values: np.ndarray, j: np.ndarray, level: float, seed) -> float:
+    """The naive null: reference-sized samples of the audit judged on the audit's own J curve."""
+    ref_n, prev = int(lab.reference["n"]), lab.reference["prevalence"]
+    pos, neg = np.flatnonzero(lab.y == 1), np.flatnonzero(lab.y == 0)
+    n_pos = min(max(int(round(prev * ref_n)), 1), ref_n - 1)
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([pos[rng.integers(0, len(pos), size=(_SELECTION_DRAWS, n_pos))],
+                           neg[rng.integers(0, len(neg), size=(_SELECTION_DRAWS, ref_n - n_pos))]], axis=1)
+    chosen = sampled_youden_thresholds(lab.y, lab.probs, rows)
+    at = np.append(j, 0.0)[np.searchsorted(values, chosen, side="left")]
+    return float(np.quantile(float(np.nanmax(j)) - at, level))
+
+
+def bench_null_level(bundle, work: Path, args: argparse.Namespace) -> dict:
+    """Per label: how often a clean audit's J loss exceeds the null's 95 % quantile (both nulls)."""
+    from model.data import load_nih_dataset
+    from model.data.phantom import generate_phantoms
+    from model.features import extract_features
+
+    t0 = time.perf_counter()
+    root = generate_phantoms(work / "null_population", args.null_population, size=args.size, seed=300)
+    data = extract_features(bundle, load_nih_dataset(root, "all"), use_cache=False)
+    y_all, p_all = data.labels.astype(int), sigmoid(data.logits.astype(np.float64))
+    ref_n = int(next(iter(bundle.meta.reference_metrics.values()))["n"])  # the same held-out part for every label
+    n_audit = min(args.n_eval, len(y_all) - ref_n)
+    rng = np.random.default_rng(0)
+    labels = {}
+    for k, name in enumerate(CHEXNET_LABELS):
+        counts = {"draws": 0, "replica": 0, "own_curve": 0}
+        for r in range(args.null_draws):
+            order = rng.permutation(len(y_all))
+            ref, audit = order[:ref_n], order[ref_n : ref_n + n_audit]
+            y_ref, y = y_all[ref, k], y_all[audit, k]
+            if min(y_ref.sum(), y.sum()) < 2 or min((1 - y_ref).sum(), (1 - y).sum()) < 2:
+                continue
+            p = p_all[audit, k]
+            deployed = youden_threshold(y_ref, p_all[ref, k])
+            values, j = weighted_j_curve(y, p, np.ones((1, len(y)), dtype=np.float32))
+            j_loss = float(np.nanmax(j[0]) - j_at(values, j, deployed)[0])
+            lab = LabelData(k=k, name=name, rows=np.arange(len(y)), y=y, logits=np.log(p / (1 - p)), probs=p,
+                            threshold=deployed, reference={"n": ref_n, "prevalence": float(y_ref.mean())})
+            null = _selection_null(lab, 0.05, [r, k], bootstrap_counts(len(y), _SELECTION_DRAWS, [r, k, 1]))
+            counts["draws"] += 1
+            counts["replica"] += j_loss > null["j_loss_selection_quantile"]
+            counts["own_curve"] += j_loss > _own_curve_quantile(lab, values, j[0], 0.95, [r, k])
+        if counts["draws"]:
+            labels[name] = {**counts, "positives_in_population": int(y_all[:, k].sum())}
+    pooled = {}
+    for null in ("replica", "own_curve"):
+        hits, n = sum(v[null] for v in labels.values()), sum(v["draws"] for v in labels.values())
+        ci = wilson_interval(hits, n)
+        pooled[null] = {"exceeded": hits, "draws": n, "rate": ci.estimate, "ci_low": ci.low, "ci_high": ci.high}
+    return {"population": args.null_population, "reference_n": ref_n, "audit_n": n_audit,
+            "draws_per_label": args.null_draws, "nominal": 0.05, "labels": labels, "pooled": pooled,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _rate(values: list[bool]) -> str:
@@ -256,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
                    "case but has ~5%% prevalence, too few positives for small phantom sets)")
     p.add_argument("--train-fraction", type=float, default=0.3,
                    help="share of the label's training positives that get the drain (default: %(default)s)")
+    p.add_argument("--null-draws", type=int, default=150,
+                   help="part 3: (reference, audit) draws per label for the null's level; 0 skips it "
+                   "(default: %(default)s)")
+    p.add_argument("--null-population", type=int, default=3000,
+                   help="part 3: clean phantoms the draws are taken from (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
@@ -287,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             for key, values in r.items():
                 if key not in ("model", "clean_false_alarm", "details"):
                     print(f"    detected {key}: {_rate(values)}")
+        level = d.get("null_level")
+        if level:
+            print(f"  operating-point null on clean data ({level['draws_per_label']} draws per label, reference "
+                  f"{level['reference_n']}, audit {level['audit_n']}; nominal 5 %):")
+            for null, v in level["pooled"].items():
+                print(f"    {null}: exceeded {v['exceeded']}/{v['draws']} = {v['rate']:.3f} "
+                      f"(95 % CI {v['ci_low']:.3f}-{v['ci_high']:.3f})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"Wrote {args.json}")

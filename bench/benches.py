@@ -75,7 +75,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("monitors", "Monitors: suite time and detection / false-alarm rates", "bench/bench_monitors.py",
           args=(),
           quick_args=("--rows", "500", "--repeats", "1", "--scenarios", "1", "--n-train", "200", "--n-eval", "120",
-                      "--size", "32", "--epochs", "1", "--preset", "tiny")),
+                      "--size", "32", "--epochs", "1", "--preset", "tiny", "--null-draws", "5", "--null-population", "300")),
     Bench("decide", "Decision latency (durable-rules)", "bench/bench_decide.py",
           args=("--facts", "100", "--repeats", "15"),
           quick_args=("--facts", "10", "--repeats", "2"), threads_flag=False),

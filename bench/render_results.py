@@ -188,9 +188,29 @@ def section_monitors(data: dict[str, Any]) -> list[str]:
                 what = "false alarms on clean data" if key == "clean_false_alarm" else f"detected {key}"
                 rows.append((fam, what, f"{hits}/{len(values)}", ""))
         lines += table(("Model", "Measure", "Rate", "Note"), rows, align="llrl") if rows else ["(no families)"]
+        lines += _null_level_lines(det.get("null_level"))
     else:
         lines += ["", "Detection: not in this JSON (`--skip-detection`)."]
     return lines
+
+
+def _null_level_lines(level: Any) -> list[str]:
+    """Part 3 of the monitors bench: how often calibration_drift's operating-point null is exceeded on clean data."""
+    if not isinstance(level, dict):
+        return []
+    lines = ["", f"**Operating-point null on clean data** (calibration_drift): the clean-trained model on "
+                 f"{fmt(level.get('population'), ',.0f')} new phantoms; per label {fmt(level.get('draws_per_label'), '.0f')} "
+                 f"draws of a {fmt(level.get('reference_n'), '.0f')}-image reference (its Youden threshold deployed) "
+                 f"and a {fmt(level.get('audit_n'), '.0f')}-image audit drawn apart; share of draws whose J loss exceeds "
+                 f"the null's 95 % quantile (nominal 5 %), labels pooled; {fmt_s(level.get('seconds'))}.", ""]
+    names = {"replica": "samples judged on independent bootstrap replicas of the audit (the monitor's)",
+             "own_curve": "samples judged on the audit's own J curve (naive)"}
+    rows = []
+    for key, what in names.items():
+        v = get(level, "pooled", key, default={}) or {}
+        rows.append((what, f"{fmt(v.get('exceeded'), '.0f')}/{fmt(v.get('draws'), '.0f')}", fmt_pct(v.get("rate")),
+                     f"{fmt_pct(v.get('ci_low'))} – {fmt_pct(v.get('ci_high'))}"))
+    return lines + table(("Null", "Exceeded", "Rate", "95 % CI (Wilson)"), rows, align="lrrr")
 
 
 def section_decide(data: dict[str, Any]) -> list[str]:

@@ -227,3 +227,15 @@ def test_provenance_dates_a_committed_json_by_its_commit_not_its_checkout(tmp_pa
     untracked = tmp_path / "new.json"
     untracked.write_text("{}")
     assert rr._file_time(untracked).startswith("written ")
+
+
+def test_monitors_null_level_reaches_its_table(tmp_path: Path) -> None:
+    level = {"population": 3000, "reference_n": 131, "audit_n": 400, "draws_per_label": 150, "seconds": 52.8,
+             "pooled": {"replica": {"exceeded": 54, "draws": 1687, "rate": 0.032, "ci_low": 0.025, "ci_high": 0.042},
+                        "own_curve": {"exceeded": 540, "draws": 1687, "rate": 0.32, "ci_low": 0.298, "ci_high": 0.343}}}
+    _write(tmp_path, "monitors", {"detection": {"settings": {}, "null_level": level}})
+    text = rr.render_text(tmp_path)
+    assert "| samples judged on independent bootstrap replicas of the audit (the monitor's) | 54/1687 | 3.2 % |" in text
+    assert "| samples judged on the audit's own J curve (naive) | 540/1687 | 32.0 % | 29.8 % – 34.3 % |" in text
+    _write(tmp_path, "monitors", {"detection": {"settings": {}}})  # an older JSON: no part 3, no table
+    assert "Operating-point null" not in rr.render_text(tmp_path)
