@@ -13,6 +13,7 @@ the command to run it); a JSON with missing keys renders dashes instead of faili
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -359,11 +360,10 @@ def _load_manifest(results_dir: Path) -> dict[str, Any]:
     return runs if isinstance(runs, dict) else {}
 
 
-def _file_time(path: Path) -> str:
-    """When the JSON was written: its commit time while it matches the last commit that changed it
-    (a checkout resets every file's mtime, so the mtime would date the clone), else its mtime."""
-    def stamp(seconds: float) -> str:
-        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def _file_time(path: Path) -> tuple[str, datetime]:
+    """When the JSON was written, and how that is known: its commit time ("committed") while it
+    matches the last commit that changed it (a checkout resets every file's mtime, so the mtime
+    would date the clone), else its mtime ("written")."""
     try:
         changed = subprocess.run(["git", "status", "--porcelain", "--", path.name], cwd=path.parent,
                                  capture_output=True, text=True, timeout=10, check=True).stdout.strip()
@@ -372,8 +372,31 @@ def _file_time(path: Path) -> str:
     except (OSError, subprocess.SubprocessError):
         changed, committed = "", ""
     if committed and not changed:
-        return f"committed {stamp(int(committed))}"
-    return f"written {stamp(path.stat().st_mtime)}"
+        return "committed", datetime.fromtimestamp(int(committed), timezone.utc)
+    return "written", datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+
+
+def _stamp(when: datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+#: A run_all record without the JSON's hash is taken for the run that wrote the JSON when the JSON
+#: dates from at most this long after the run ended (a commit follows a run within hours).
+_LEGACY_RECORD_SLACK_S = 24 * 3600
+
+
+def _record_wrote(run: dict[str, Any], path: Path) -> bool:
+    """Whether a successful run_all record is the run that wrote this JSON (not one before a re-run
+    by hand): by the JSON's hash where the record has one, else by the dates."""
+    digest = run.get("json_sha256")
+    if digest:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    try:
+        started = datetime.strptime(str(run.get("started")), "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return True
+    age = (_file_time(path)[1] - started).total_seconds()
+    return age <= float(run.get("wall_s") or 0) + _LEGACY_RECORD_SLACK_S
 
 
 def _status_words(run: dict[str, Any]) -> str:
@@ -382,6 +405,8 @@ def _status_words(run: dict[str, Any]) -> str:
 
 
 def _provenance(bench: Bench, path: Path, data: dict[str, Any] | None, run: dict[str, Any] | None) -> list[str]:
+    if run and run.get("status", "ok") == "ok" and path.is_file() and not _record_wrote(run, path):
+        run = None  # the JSON was re-run by hand after that record: its command and commit say nothing of it
     if run and run.get("command"):
         lines = [f"Command: `{run['command']}`", ""]
     else:
@@ -389,7 +414,8 @@ def _provenance(bench: Bench, path: Path, data: dict[str, Any] | None, run: dict
                  "so the settings it ran with may differ)", ""]
     bits = []
     if path.is_file():
-        bits.append(f"JSON `{display_path(path)}` {_file_time(path)}")
+        how, when = _file_time(path)
+        bits.append(f"JSON `{display_path(path)}` {how} {_stamp(when)}")
         date = get(data, "environment", "date")
         if date:
             bits.append(f"dated {date} by the script")

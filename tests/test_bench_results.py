@@ -6,6 +6,7 @@ output, and run_all runs three throw-away scripts standing in for benchmarks.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -207,6 +208,8 @@ def test_run_all_reports_a_failure_and_runs_the_rest(tmp_path: Path, monkeypatch
     assert runs["fake_fail"]["status"] == "failed" and runs["fake_fail"]["exit_code"] == 3
     assert runs["fake_nojson"]["status"] == "no-json"
     assert runs["fake_ok"]["status"] == "ok" and json.loads((results / "fake_ok.json").read_text()) == {"x": 1}
+    assert runs["fake_ok"]["json_sha256"] == hashlib.sha256((results / "fake_ok.json").read_bytes()).hexdigest()
+    assert "json_sha256" not in runs["fake_fail"]
     assert (tmp_path / "R.md").is_file()
 
 
@@ -220,13 +223,30 @@ def test_provenance_dates_a_committed_json_by_its_commit_not_its_checkout(tmp_pa
            "GIT_AUTHOR_DATE": "2026-11-20T10:30:00+00:00"}
     subprocess.run([*git, "add", "monitors.json"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "r"], cwd=tmp_path, check=True, env=env)
-    assert rr._file_time(path) == "committed 2026-11-20 10:30 UTC"
+    how, when = rr._file_time(path)
+    assert (how, rr._stamp(when)) == ("committed", "2026-11-20 10:30 UTC")
     path.write_text('{"changed": 1}')
-    stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    assert rr._file_time(path) == f"written {stamp}"
+    assert rr._file_time(path) == ("written", datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
     untracked = tmp_path / "new.json"
     untracked.write_text("{}")
-    assert rr._file_time(untracked).startswith("written ")
+    assert rr._file_time(untracked)[0] == "written"
+
+
+def test_a_json_re_run_by_hand_after_its_run_all_record_drops_that_record(tmp_path: Path) -> None:
+    """The record's command and commit describe another run: by the hash where recorded, else by the dates."""
+    path = tmp_path / "decide.json"
+    path.write_text('{"facts": 100}')
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    now = datetime.now(timezone.utc)
+    fresh = {"status": "ok", "started": now.strftime("%Y-%m-%d %H:%M:%S UTC"), "wall_s": 5}
+    assert rr._record_wrote({**fresh, "json_sha256": digest}, path)
+    assert not rr._record_wrote({**fresh, "json_sha256": "0" * 64}, path)
+    assert rr._record_wrote(fresh, path)  # no hash (older records): dated within a day of the run
+    assert not rr._record_wrote({**fresh, "started": "2026-01-01 08:00:00 UTC"}, path)
+    _write(tmp_path, "_runs", {"runs": {"decide": {**fresh, "started": "2026-01-01 08:00:00 UTC", "exit_code": 0,
+                                                   "command": "python bench/bench_decide.py --odd", "commit": "abc"}}})
+    text = rr.render_text(tmp_path)
+    assert "--odd" not in text and "commit abc" not in text and "no run_all record for this JSON" in text
 
 
 def test_monitors_null_level_reaches_its_table(tmp_path: Path) -> None:
