@@ -56,12 +56,18 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.monitors import MonitorConfig, MonitorContext, available_monitors, get_monitor, run_monitors  # noqa: E402
-from engine.monitors.base import run_memo  # noqa: E402
+from engine.monitors.base import (  # noqa: E402
+    LabelData,
+    bootstrap_counts,
+    j_at,
+    run_memo,
+    sampled_youden_thresholds,
+    weighted_j_curve,
+)
+from engine.monitors.calibration_drift import _SELECTION_DRAWS, _selection_null  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.features import FeatureSet  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
-from engine.monitors.base import LabelData, bootstrap_counts, j_at, sampled_youden_thresholds, weighted_j_curve  # noqa: E402
-from engine.monitors.calibration_drift import _SELECTION_DRAWS, _selection_null  # noqa: E402
 from model.metrics import numeric_rows, per_label_metrics, sigmoid, youden_threshold  # noqa: E402
 from model.paired import wilson_interval  # noqa: E402
 
