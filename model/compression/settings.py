@@ -77,7 +77,10 @@ class CompressSettings(BaseModel):
     flops_weight: FiniteNonNegative = 0.5
     #: Epochs of end-to-end distillation to the parent's logits after the re-fits (0: none). Off by
     #: default: on the 4,000-phantom model it took the held-out mean |Δlogit| of a -61 % model only
-    #: from 0.0604 to 0.0594 in 4 epochs (200 s); at 1e-4 every epoch was worse than the re-fit.
+    #: from 0.0604 to 0.0594 in 4 epochs (200 s); at 1e-4 every epoch was worse than the re-fit. At
+    #: the headline -51.43 % (0.0254 after the re-fits) every epoch was worse too with Adam at 1e-5 or
+    #: 2e-6 and with SGD (momentum 0.9) at 1e-4 (1e-3 diverged); only without the jitter did SGD 1e-4
+    #: gain, 0.2 % in 2 epochs: the re-fits leave little that 2,600 calibration images can teach.
     distill_epochs: int = Field(default=0, ge=0)
     distill_lr: float = Field(default=1e-5, gt=0.0)
 
