@@ -411,6 +411,16 @@ def test_selection_null_holds_its_level_when_reference_and_audit_are_independent
         exceeded += j_loss > _selection_null(lab, 0.05, [r], replicas)["j_loss_selection_quantile"]
     assert exceeded / reps <= 0.12  # 0.083 measured; the null judged on this data's own curve: 0.25
 
+
+def test_selection_null_is_none_not_a_number_when_no_replica_holds_both_classes() -> None:
+    y = np.array([1, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.2, 0.3, 0.1, 0.4, 0.5])
+    lab = LabelData(k=0, name="Atelectasis", rows=np.arange(6), y=y, logits=np.log(p / (1 - p)), probs=p,
+                    threshold=0.5, reference={"n": 20, "prevalence": 0.2})
+    no_positive = np.tile(np.array([0, 2, 1, 1, 1, 1], dtype=np.float32), (10, 1))
+    assert _selection_null(lab, 0.05, [0], no_positive) is None
+    assert _selection_null(lab, 0.05, [0], np.ones((10, 6), dtype=np.float32)) is not None
+
 # ------------------------------------------------------------------------------------------------
 # Clean data: no false alarms
 

@@ -254,8 +254,8 @@ class CalibrationDriftMonitor(Monitor):
                 return
         else:
             found.not_assessable["operating_point_selection_noise"] = (
-                "the reference records no size or prevalence, so the deployed threshold's own selection "
-                "noise could not be allowed for")
+                "the reference records no size or prevalence (or no resample of this data holds both classes), "
+                "so the deployed threshold's own selection noise could not be allowed for")
         found.fire({f"{_SECTION}.threshold_shift": cfg.threshold_shift,
                     f"{_SECTION}.min_j_loss": cfg.min_j_loss,
                     f"{_SECTION}.min_auroc_ratio": cfg.min_auroc_ratio}, j_loss, cfg.min_j_loss)
@@ -332,7 +332,7 @@ def _selection_null(lab: LabelData, tail: float, seed, replicas: np.ndarray) -> 
     ``1 - tail`` quantile of those losses is what "no drift" allows. Judging the samples on this
     data's own curve instead (a replica equal to the data) leaves the second noise out: on clean
     phantoms that null was exceeded 15-51 % of the time at a nominal 5 %. None when the reference
-    does not record its size and prevalence.
+    does not record its size and prevalence, or no replica holds both classes.
     """
     ref_n, prev = lab.reference.get("n"), lab.reference.get("prevalence")
     y = lab.y
@@ -354,6 +354,8 @@ def _selection_null(lab: LabelData, tail: float, seed, replicas: np.ndarray) -> 
         both = np.isfinite(j).all(axis=1)  # replicas that hold both classes
         losses.append((j.max(axis=1) - at)[both])
     losses = np.concatenate(losses)
+    if not len(losses):
+        return None
     return {"j_loss_selection_quantile": float(np.quantile(losses, 1 - tail)),
             "j_loss_selection_median": float(np.median(losses)), "selection_reference_n": float(ref_n)}
 
