@@ -64,7 +64,7 @@ from engine.monitors.base import (  # noqa: E402
     sampled_youden_thresholds,
     weighted_j_curve,
 )
-from engine.monitors.calibration_drift import _SELECTION_DRAWS, _selection_null  # noqa: E402
+from engine.monitors.calibration_drift import _SELECTION_DRAWS, _selection_null, reference_samples  # noqa: E402
 from model.bundle import new_bundle  # noqa: E402
 from model.features import FeatureSet  # noqa: E402
 from model.labels import CHEXNET_LABELS  # noqa: E402
@@ -254,12 +254,7 @@ def bench_detection(args: argparse.Namespace, work: Path) -> dict:
 
 def _own_curve_quantile(lab: LabelData, values: np.ndarray, j: np.ndarray, level: float, seed) -> float:
     """The naive null: reference-sized samples of the audit judged on the audit's own J curve."""
-    ref_n, prev = int(lab.reference["n"]), lab.reference["prevalence"]
-    pos, neg = np.flatnonzero(lab.y == 1), np.flatnonzero(lab.y == 0)
-    n_pos = min(max(int(round(prev * ref_n)), 1), ref_n - 1)
-    rng = np.random.default_rng(seed)
-    rows = np.concatenate([pos[rng.integers(0, len(pos), size=(_SELECTION_DRAWS, n_pos))],
-                           neg[rng.integers(0, len(neg), size=(_SELECTION_DRAWS, ref_n - n_pos))]], axis=1)
+    rows = reference_samples(lab, _SELECTION_DRAWS, np.random.default_rng(seed))
     chosen = sampled_youden_thresholds(lab.y, lab.probs, rows)
     at = np.append(j, 0.0)[np.searchsorted(values, chosen, side="left")]
     return float(np.quantile(float(np.nanmax(j)) - at, level))

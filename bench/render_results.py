@@ -385,9 +385,10 @@ def _stamp(when: datetime) -> str:
 _LEGACY_RECORD_SLACK_S = 24 * 3600
 
 
-def _record_wrote(run: dict[str, Any], path: Path) -> bool:
+def _record_wrote(run: dict[str, Any], path: Path, written: datetime) -> bool:
     """Whether a successful run_all record is the run that wrote this JSON (not one before a re-run
-    by hand): by the JSON's hash where the record has one, else by the dates."""
+    by hand): by the JSON's hash where the record has one, else by the dates (``written``: the
+    JSON's, from :func:`_file_time`)."""
     digest = run.get("json_sha256")
     if digest:
         return hashlib.sha256(path.read_bytes()).hexdigest() == digest
@@ -395,7 +396,7 @@ def _record_wrote(run: dict[str, Any], path: Path) -> bool:
         started = datetime.strptime(str(run.get("started")), "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=timezone.utc)
     except ValueError:
         return True
-    age = (_file_time(path)[1] - started).total_seconds()
+    age = (written - started).total_seconds()
     return age <= float(run.get("wall_s") or 0) + _LEGACY_RECORD_SLACK_S
 
 
@@ -405,7 +406,8 @@ def _status_words(run: dict[str, Any]) -> str:
 
 
 def _provenance(bench: Bench, path: Path, data: dict[str, Any] | None, run: dict[str, Any] | None) -> list[str]:
-    if run and run.get("status", "ok") == "ok" and path.is_file() and not _record_wrote(run, path):
+    how, when = _file_time(path) if path.is_file() else ("", None)
+    if run and run.get("status", "ok") == "ok" and when is not None and not _record_wrote(run, path, when):
         run = None  # the JSON was re-run by hand after that record: its command and commit say nothing of it
     if run and run.get("command"):
         lines = [f"Command: `{run['command']}`", ""]
@@ -413,8 +415,7 @@ def _provenance(bench: Bench, path: Path, data: dict[str, Any] | None, run: dict
         lines = [f"Command: `{bench.command(path)}` (the standard settings; no run_all record for this JSON, "
                  "so the settings it ran with may differ)", ""]
     bits = []
-    if path.is_file():
-        how, when = _file_time(path)
+    if when is not None:
         bits.append(f"JSON `{display_path(path)}` {how} {_stamp(when)}")
         date = get(data, "environment", "date")
         if date:

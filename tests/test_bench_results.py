@@ -239,10 +239,11 @@ def test_a_json_re_run_by_hand_after_its_run_all_record_drops_that_record(tmp_pa
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     now = datetime.now(timezone.utc)
     fresh = {"status": "ok", "started": now.strftime("%Y-%m-%d %H:%M:%S UTC"), "wall_s": 5}
-    assert rr._record_wrote({**fresh, "json_sha256": digest}, path)
-    assert not rr._record_wrote({**fresh, "json_sha256": "0" * 64}, path)
-    assert rr._record_wrote(fresh, path)  # no hash (older records): dated within a day of the run
-    assert not rr._record_wrote({**fresh, "started": "2026-01-01 08:00:00 UTC"}, path)
+    written = rr._file_time(path)[1]
+    assert rr._record_wrote({**fresh, "json_sha256": digest}, path, written)
+    assert not rr._record_wrote({**fresh, "json_sha256": "0" * 64}, path, written)
+    assert rr._record_wrote(fresh, path, written)  # no hash (older records): dated within a day of the run
+    assert not rr._record_wrote({**fresh, "started": "2026-01-01 08:00:00 UTC"}, path, written)
     _write(tmp_path, "_runs", {"runs": {"decide": {**fresh, "started": "2026-01-01 08:00:00 UTC", "exit_code": 0,
                                                    "command": "python bench/bench_decide.py --odd", "commit": "abc"}}})
     text = rr.render_text(tmp_path)

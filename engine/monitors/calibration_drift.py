@@ -318,6 +318,19 @@ _SELECTION_DRAWS = 1000
 _SELECTION_CHUNK = 250
 
 
+def reference_samples(lab: LabelData, draws: int, rng: np.random.Generator) -> np.ndarray | None:
+    """``(draws, reference n)`` row indices of samples of this data the size of the label's reference,
+    stratified at its prevalence (with replacement); None when the reference records no size or
+    prevalence, or this data lacks a class."""
+    ref_n, prev = lab.reference.get("n"), lab.reference.get("prevalence")
+    pos, neg = np.flatnonzero(lab.y == 1), np.flatnonzero(lab.y == 0)
+    if not ref_n or prev is None or not 0 < prev < 1 or not len(pos) or not len(neg):
+        return None
+    n_pos = min(max(int(round(prev * ref_n)), 1), int(ref_n) - 1)
+    return np.concatenate([pos[rng.integers(0, len(pos), size=(draws, n_pos))],
+                           neg[rng.integers(0, len(neg), size=(draws, int(ref_n) - n_pos))]], axis=1)
+
+
 def _selection_null(lab: LabelData, tail: float, seed, replicas: np.ndarray) -> dict[str, float] | None:
     """How much Youden J a threshold loses on data like this when it was chosen as the deployed one
     was: by Youden J on an independent sample of the reference's size and class balance.
@@ -334,16 +347,10 @@ def _selection_null(lab: LabelData, tail: float, seed, replicas: np.ndarray) -> 
     phantoms that null was exceeded 15-51 % of the time at a nominal 5 %. None when the reference
     does not record its size and prevalence, or no replica holds both classes.
     """
-    ref_n, prev = lab.reference.get("n"), lab.reference.get("prevalence")
-    y = lab.y
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    if not ref_n or prev is None or not 0 < prev < 1 or not len(pos) or not len(neg):
+    y, draws = lab.y, len(replicas)
+    rows = reference_samples(lab, draws, np.random.default_rng(seed))
+    if rows is None:
         return None
-    n_pos = min(max(int(round(prev * ref_n)), 1), int(ref_n) - 1)
-    rng = np.random.default_rng(seed)
-    draws = len(replicas)
-    rows = np.concatenate([pos[rng.integers(0, len(pos), size=(draws, n_pos))],
-                           neg[rng.integers(0, len(neg), size=(draws, int(ref_n) - n_pos))]], axis=1)
     chosen = sampled_youden_thresholds(y, lab.probs, rows)
     losses = []
     for start in range(0, draws, _SELECTION_CHUNK):  # chunks bound the J curves held at once
@@ -357,7 +364,7 @@ def _selection_null(lab: LabelData, tail: float, seed, replicas: np.ndarray) -> 
     if not len(losses):
         return None
     return {"j_loss_selection_quantile": float(np.quantile(losses, 1 - tail)),
-            "j_loss_selection_median": float(np.median(losses)), "selection_reference_n": float(ref_n)}
+            "j_loss_selection_median": float(np.median(losses)), "selection_reference_n": float(rows.shape[1])}
 
 
 class _SharedResamples:
