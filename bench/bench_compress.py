@@ -16,12 +16,15 @@ split, which no step ever fits:
   parent's logits -- the head-only version of what we do everywhere);
 
 Fidelity: mean and max |Δlogit| against the parent, the share of (image, label) decisions flipped
-at the bundle thresholds, mean ΔAUROC and the worst label's |ΔAUROC|. "meets" = the issue's goals
+at the bundle thresholds, mean ΔAUROC and the worst label's |ΔAUROC| (with its name, positives and
+paired-bootstrap interval: one swapped pair moves a one-positive label by 1/negatives). "meets" = the issue's goals
 on the test split: phantoms mean |Δlogit| <= 0.02, flips <= 0.5 %, |mean ΔAUROC| <= 0.001 and every
 label <= 0.005; NIH sample mean |Δlogit| <= 0.03, flips <= 1 %.
 
 Speed: the parent and the deployable models A/B interleaved in one run at 64 and 224 px, batch 1
-and 32 (medians), and a torch.profiler breakdown at 64 px batch 1 (operators per forward pass).
+and 32 (medians), a torch.profiler breakdown at 64 px batch 1 (operators per forward pass), and
+the operator floor at batch 1 (``bench/operator_floor.py``: each model beside its one-channel
+skeleton, interleaved), which splits a pass into per-call overhead and the arithmetic pruning cuts.
 The exact stage's model is timed too: it is the parent in the pruned layout (block buffer, pooling
 before a transition's convolution, norm2 folded into conv1) with next to nothing removed, so its
 speed-up is what the layout gives without pruning.
@@ -69,6 +72,7 @@ from model.compression.measure import decision_flips  # noqa: E402
 from model.data import load_nih_dataset, read_images  # noqa: E402
 from model.features import to_model_input  # noqa: E402
 from model.train import train_bundle  # noqa: E402
+from operator_floor import floor_breakdown, skeleton  # noqa: E402
 
 NIH1000 = REPO.parent / "shared" / "data" / "nih1000"
 console = Console(width=160)
@@ -109,6 +113,17 @@ def _model(kind: str, root: Path, work: Path, quick: bool, epochs: int) -> Bundl
     return bundle
 
 
+def _worst_label(fid: dict[str, Any]) -> dict[str, Any] | None:
+    """The label with the largest |ΔAUROC|, its positives and paired-bootstrap interval: a label with
+    one test positive moves its AUROC by 1/negatives per swapped pair, and the table says so."""
+    rows = [(name, r) for name, r in fid["labels"].items() if r.get("delta") is not None]
+    if not rows:
+        return None
+    name, r = max(rows, key=lambda kv: abs(kv[1]["delta"]))
+    return {"label": name, "positives": r["positives"], "delta": r["delta"], "ci_low": r["ci_low"],
+            "ci_high": r["ci_high"]}
+
+
 def _row(name: str, parent: Bundle, model: torch.nn.Module, x: torch.Tensor, y: np.ndarray, ref: np.ndarray,
          labels: list[str], size: int, **extra: Any) -> dict[str, Any]:
     fid = fidelity(ref, _logits(model, x), y, labels, n_boot=200)
@@ -121,6 +136,7 @@ def _row(name: str, parent: Bundle, model: torch.nn.Module, x: torch.Tensor, y: 
         "mean_abs_dlogit": fid["mean_abs_dlogit"],
         "mean_auroc_delta": fid["mean_auroc_delta"],
         "worst_abs_auroc_delta": fid["max_abs_auroc_delta"],
+        "worst_label": _worst_label(fid),
         "mean_auroc_parent": fid["mean_auroc_ref"],
     }
     row.update(extra)
@@ -204,6 +220,23 @@ def _speeds(models: dict[str, torch.nn.Module], quick: bool) -> dict[str, dict[s
         for name, sec in t.items():
             out[name][f"{size}px_b{batch}"] = sec
         console.print(f"  speed {size} px, batch {batch}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in t.items()))
+    return out
+
+
+#: Settings the operator floor is measured at: batch 1, where per-call overhead weighs most.
+FLOOR_SETTINGS = ((64, 1), (224, 1))
+
+
+def _floors(models: dict[str, torch.nn.Module], quick: bool) -> dict[str, dict[str, Any]]:
+    """Per batch-1 setting: each model beside its skeleton (``bench/operator_floor.py``), interleaved."""
+    out = {}
+    for size, batch in FLOOR_SETTINGS[:1] if quick else FLOOR_SETTINGS:
+        skeletons = {f"{name} floor": skeleton(m) for name, m in models.items()}
+        t = measure_speeds({**models, **skeletons}, size, 3, batch=batch, rounds=3 if quick else 15,
+                           inner=1 if size == 224 else 2)
+        out[f"{size}px_b{batch}"] = floor_breakdown({n: t[n] for n in models}, {n: t[f"{n} floor"] for n in models})
+        console.print(f"  floor {size} px, batch {batch}: " + ", ".join(
+            f"{n} {1000 * t[f'{n} floor']:.1f} of {1000 * t[n]:.1f} ms" for n in models))
     return out
 
 
@@ -313,7 +346,9 @@ def run_dataset(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         if sp:
             row["speedup"] = {k: base[k] / v for k, v in sp.items()}
             row["slower_than_parent_somewhere"] = any(v < 1.0 for v in row["speedup"].values())
-    profiles = {name: _profile(m, size, 1) for name, m in speed_of.items() if name in ("parent", headline, flop_row)}
+    profiled = {name: m for name, m in speed_of.items() if name in ("parent", "ours exact", headline, flop_row)}
+    profiles = {name: _profile(m, size, 1) for name, m in profiled.items() if name != "ours exact"}
+    floors = _floors(profiled, args.quick)
     summary = {
         "exact_reduction": next((r["param_reduction"] for r in rows if r["method"] == "ours exact"), None),
         "parent_parameters": _params(parent.model),
@@ -322,7 +357,8 @@ def run_dataset(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "calibration_images": len(calib_ds),
         "headline": headline,
     }
-    return {"dataset": kind, "rows": rows, "speeds": speeds, "profile_64px_b1": profiles, "summary": summary}
+    return {"dataset": kind, "rows": rows, "speeds": speeds, "profile_64px_b1": profiles,
+            "operator_floor": floors, "summary": summary}
 
 
 def _has_torch_pruning() -> bool:

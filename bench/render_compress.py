@@ -2,7 +2,8 @@
 
 Per dataset one table (parameters, FLOPs, mean/max |Δlogit|, decision flips, AUROC change, whether
 the issue's goals are met, speed-up at 64 and 224 px, batch 1 and 32) beside the paper's row, then
-the 64 px batch-1 profile that says whether that setting is bound by operator overhead.
+the 64 px batch-1 profile and the operator floor (each model beside its one-channel skeleton), which
+say whether batch 1 is bound by operator overhead.
 """
 
 from __future__ import annotations
@@ -35,9 +36,18 @@ def _compress_rows(res: dict[str, Any], p0: float | None) -> list[tuple[Any, ...
                      fmt_pct(red, ".2f", "−"), fmt_pct(r.get("flop_reduction"), ".1f", "−"),
                      fmt(r.get("mean_abs_dlogit"), ".3f"), fmt(r.get("max_abs_dlogit"), ".2g"),
                      fmt_pct(r.get("flip_rate"), ".2f"), fmt(r.get("mean_auroc_delta"), "+.4f"),
-                     fmt(r.get("worst_abs_auroc_delta"), ".4f"), {True: "yes", False: "no"}.get(r.get("meets"), DASH),
+                     _worst(r), {True: "yes", False: "no"}.get(r.get("meets"), DASH),
                      *(fmt(sp.get(k), ".2f") for k, _ in _SPEED_KEYS), fmt_s(r.get("seconds"))))
     return rows
+
+
+def _worst(r: dict[str, Any]) -> str:
+    """The worst label's |ΔAUROC|, with its name and positives where the JSON has them."""
+    w = r.get("worst_label") if isinstance(r.get("worst_label"), dict) else None
+    text = fmt(r.get("worst_abs_auroc_delta"), ".4f")
+    if w is None:
+        return text
+    return f"{text} ({w.get('label', '?')}, {fmt(w.get('positives'), ',.0f')} pos.)"
 
 
 def _compress_profile(res: dict[str, Any]) -> list[str]:
@@ -52,6 +62,32 @@ def _compress_profile(res: dict[str, Any]) -> list[str]:
                      f"{fmt(p.get('ms_per_forward'), '.1f')} ms under the profiler, convolutions "
                      f"{fmt_pct(p.get('conv_share'), '.0f')} of the time ({top})")
     return (["Profile at 64 px, batch 1 (torch.profiler self CPU time):", ""] + lines + [""]) if lines else []
+
+
+def _compress_floor(res: dict[str, Any]) -> list[str]:
+    """The operator-floor table: how much of a batch-1 pass is per-call overhead pruning cannot cut."""
+    floors = res.get("operator_floor") if isinstance(res.get("operator_floor"), dict) else {}
+    rows = []
+    for setting, per_model in floors.items():
+        if not isinstance(per_model, dict):
+            continue
+        for name, f in per_model.items():
+            if not isinstance(f, dict):
+                continue
+            ms = {k: (_num(f.get(k)) or 0.0) * 1000 for k in ("time_s", "floor_s", "arithmetic_s")}
+            need = f.get("needed_arithmetic_speedup_for_1.3")
+            rows.append((setting.replace("px_b", " px, batch "), name, f"{ms['time_s']:.2f}",
+                         f"{ms['floor_s']:.2f} ({fmt_pct(f.get('floor_share'), '.0f')})", f"{ms['arithmetic_s']:.2f}",
+                         fmt(f.get("speedup"), ".2f"), fmt(f.get("arithmetic_speedup"), ".2f"),
+                         fmt(need, ".2f") if need is not None else "unreachable"))
+    if not rows:
+        return []
+    head = ("Setting", "Model", "ms", "floor ms (share)", "arithmetic ms", "× whole", "× arithmetic",
+            "× arithmetic needed for ×1.3")
+    return ["Operator floor (bench/operator_floor.py): each model beside its skeleton -- the same operator graph with "
+            "one channel everywhere, timed interleaved with it -- so floor = per-call overhead no pruning removes, "
+            "arithmetic = time − floor; the last column is the arithmetic speed-up (parent's over this model's) "
+            "that a ×1.3 whole-pass speed-up would need with this model's floor.", ""] + table(head, rows) + [""]
 
 
 def section_compress(data: dict[str, Any]) -> list[str]:
@@ -83,4 +119,5 @@ def section_compress(data: dict[str, Any]) -> list[str]:
                   ""]
         lines += table(headers, [paper_row] + _compress_rows(res, p0)) + [""]
         lines += _compress_profile(res)
+        lines += _compress_floor(res)
     return lines[:-1] if lines and lines[-1] == "" else lines

@@ -86,10 +86,14 @@ def _synthetic_results(folder: Path) -> None:
         "dataset": "phantom",
         "rows": [{"method": "ours exact", "param_reduction": 0.4321, "flop_reduction": 0.2, "max_abs_dlogit": 3.2e-6,
                   "mean_abs_dlogit": 1e-7, "mean_auroc_delta": 0.0002, "worst_abs_auroc_delta": 0.001,
+                  "worst_label": {"label": "Hernia", "positives": 1, "delta": -0.001, "ci_low": -0.01, "ci_high": 0.0},
                   "flip_rate": 0.0012, "meets": True, "seconds": 12.0,
                   "speedup": {"64px_b1": 1.1, "64px_b32": 1.25, "224px_b1": 1.31, "224px_b32": 1.4}}],
         "profile_64px_b1": {"parent": {"ops_per_forward": 850, "ms_per_forward": 9.5, "conv_share": 0.41,
                                        "top": [{"op": "aten::mkldnn_convolution", "share": 0.41, "calls": 120}]}},
+        "operator_floor": {"64px_b1": {"parent": {"time_s": 0.012, "floor_s": 0.006, "floor_share": 0.5,
+                                                  "arithmetic_s": 0.006, "speedup": 1.0, "arithmetic_speedup": 1.0,
+                                                  "needed_arithmetic_speedup_for_1.3": 1.857}}},
         "summary": {"parent_parameters": 6968206, "exact_reduction": 0.4321, "best_reduction_meeting_auroc": 0.4321,
                     "parent_mean_auroc_test": 0.81, "test_images": 724, "calibration_images": 3276}}]})
 
@@ -121,8 +125,9 @@ def test_figures_and_paper_references_reach_the_tables(tmp_path: Path) -> None:
     assert "6.97M → 3.38M" in comp and "−51.43 %" in comp and "< 5e-6" in comp and "+0.0003" in comp
     assert "16.07 → 15.54" in comp
     assert "| ours exact | 6.97M → 3.96M | −43.21 % | −20.0 % |" in comp and "3.2e-06" in comp and "0.12 %" in comp
-    assert "| yes | 1.10 | 1.25 | 1.31 | 1.40 |" in comp
+    assert "| 0.0010 (Hernia, 1 pos.) | yes | 1.10 | 1.25 | 1.31 | 1.40 |" in comp
     assert "parent: 850 operator calls per forward pass" in comp and "convolutions 41 %" in comp
+    assert "| 64 px, batch 1 | parent | 12.00 | 6.00 (50 %) | 6.00 | 1.00 | 1.00 | 1.86 |" in comp
     # the header names the machine and the commit
     assert "| Machine |" in text and "| Commit |" in text and "cores" in text
 
