@@ -22,7 +22,8 @@ Stages (all on calibration images; fidelity is measured on images that were not 
    budgets come from one global trade-off (error per parameter, Lagrangian allocation over the
    layers' elimination curves), so the reduction is spent where reconstruction is cheap. With
    tolerances, whole target passes are judged on a patient-disjoint held-out part of the
-   calibration data (max |Δlogit|; |mean ΔAUROC| <= tol and every label <= 5 tol) and a bisection
+   calibration data by intervals, not points (the flip rate's Wilson bound; paired-bootstrap
+   ΔAUROC intervals, pooled and per label: :mod:`model.compression.tolerance`) and a bisection
    finds the largest reduction that stays inside them (a target given with tolerances caps it).
 3. **Surgery**: produced channels that no consumer reads any more are removed physically (rows of
    ``conv2`` / transition convolutions / ``conv0``), layers that produce nothing disappear, and
@@ -44,13 +45,12 @@ each consumer its own subset, and it does not re-fit weights. It is the baseline
 
 # The package's parts, in the order a compression runs through them: settings, calibration,
 # statistics + least_squares (the re-fits), passes (forward passes, sampling), walk + modes (the
-# consumer-by-consumer pass), allocation (budgets), guard + tolerance (the criteria), search
+# consumer-by-consumer pass), allocation (budgets), tolerance (the criteria), search
 # (planning, target passes, the tolerance search), surgery, distill, measure, accepted (the
 # fidelity record a compressed bundle carries), history (replay), api (entry points).
 
 from model.compression.api import CompressResult, compress_bundle, compress_targets
 from model.compression.calibration import Calibration, prepare_calibration
-from model.compression.guard import auroc_within
 from model.compression.history import latest_plan, refit_to_parent, replay_compression
 from model.compression.measure import compression_report, count_macs, fidelity, measure_speeds
 from model.compression.passes import consumer_names
@@ -73,5 +73,4 @@ __all__ = [
     "measure_speeds",
     "fidelity",
     "compression_report",
-    "auroc_within",
 ]
