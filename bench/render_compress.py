@@ -85,7 +85,8 @@ def _compress_floor(res: dict[str, Any]) -> list[str]:
     head = ("Setting", "Model", "ms", "floor ms (share)", "arithmetic ms", "× whole", "× arithmetic",
             "× arithmetic needed for ×1.3")
     return ["Operator floor (bench/operator_floor.py): each model beside its skeleton -- the same operator graph with "
-            "one channel everywhere, timed interleaved with it -- so floor = per-call overhead no pruning removes, "
+            "one channel per dense layer (two per block input), timed interleaved with it -- so floor = per-call "
+            "overhead no pruning removes, "
             "arithmetic = time − floor; the last column is the arithmetic speed-up (parent's over this model's) "
             "that a ×1.3 whole-pass speed-up would need with this model's floor.", ""] + table(head, rows) + [""]
 
