@@ -20,54 +20,50 @@ from typing import Any
 from torch import nn
 from torchvision.models import DenseNet
 
-from model.nets.pruned import PrunedDenseNet, SubsetBatchNorm2d
+from model.nets.pruned import PrunedDenseNet, SubsetBatchNorm2d, encode_index
 
 __all__ = ["floor_breakdown", "skeleton"]
 
 
-def _skeleton_index(index: SubsetBatchNorm2d, width: int) -> list[int]:
+def _skeleton_index(index: SubsetBatchNorm2d, width: int) -> str:
     """Read the way ``index`` reads: all channels stays all (no copy), a shorter prefix a slice of
     one channel, a gather a gather of one channel (where the skeleton has two to choose from)."""
     if index.prefix and index.num_features == index.in_width:
-        return list(range(width))
-    if index.prefix:
-        return [0]
-    return [width - 1]
+        return encode_index(range(width))
+    return encode_index([0] if index.prefix else [width - 1])
 
 
 def _pruned_skeleton(net: PrunedDenseNet) -> PrunedDenseNet:
     cfg: dict[str, Any] = {"in_channels": net.config["in_channels"], "num_classes": net.config["num_classes"],
                            "stem": 2, "blocks": [], "transitions": []}
     width = 2  # block inputs are two channels wide, so a block's first gather still has one to pick
-    blocks, transitions = net.blocks(), net.transitions()
-    for b, blk in enumerate(blocks):
-        layers, pos, present = [], width, dict(blk.items())
-        for j, layer_cfg in enumerate(net.config["blocks"][b]["layers"]):
-            layer = present.get(f"denselayer{j + 1}")
-            if layer is None:  # a removed layer is no module at all: keep it removed
+    transitions = net.transitions()
+    for b, blk in enumerate(net.blocks()):
+        layers, pos = [], width
+        for j in range(len(net.config["blocks"][b]["layers"])):
+            name = f"denselayer{j + 1}"
+            if name not in blk:  # a removed layer is no module at all: keep it removed
                 layers.append({"i": "", "m": 0, "o": 0})
                 continue
-            idx = _skeleton_index(layer.norm1, pos)
-            layers.append({"i": ",".join(map(str, idx)), "m": 1, "o": 1})
+            layers.append({"i": _skeleton_index(blk[name].norm1, pos), "m": 1, "o": 1})
             pos += 1
         cfg["blocks"].append({"layers": layers})
         if b < len(transitions):
-            idx = _skeleton_index(transitions[b].norm, pos)
-            cfg["transitions"].append({"i": ",".join(map(str, idx)), "o": 2})
+            cfg["transitions"].append({"i": _skeleton_index(transitions[b].norm, pos), "o": 2})
             width = 2
         else:
             width = pos
-    cfg["head"] = ",".join(map(str, _skeleton_index(net.features.norm5, width)))
+    cfg["head"] = _skeleton_index(net.features.norm5, width)
     return PrunedDenseNet(cfg)
 
 
 def skeleton(model: nn.Module) -> nn.Module:
-    """``model``'s operator graph with one channel everywhere (a pruned or a torchvision DenseNet)."""
+    """``model``'s operator graph with (next to) no channels: a pruned DenseNet's skeleton has one per
+    dense layer and two per block input; a torchvision DenseNet's growth rate and stem are 1."""
     if isinstance(model, PrunedDenseNet):
         out: nn.Module = _pruned_skeleton(model)
     elif isinstance(model, DenseNet):
-        blocks = [sum(1 for n, _ in m.named_children()) for n, m in model.features.named_children()
-                  if n.startswith("denseblock")]
+        blocks = [len(m) for n, m in model.features.named_children() if n.startswith("denseblock")]
         out = DenseNet(growth_rate=1, block_config=tuple(blocks), num_init_features=1, bn_size=1,
                        num_classes=model.classifier.out_features)
     else:
