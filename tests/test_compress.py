@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 from torch import nn
@@ -44,7 +45,7 @@ from model.nets import (
     pooled_features,
     to_json_config,
 )
-from model.nets.pruned import SubsetBatchNorm2d
+from model.nets.pruned import SubsetBatchNorm2d, _matmul_pays, conv1x1
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -155,6 +156,22 @@ def test_subset_gather_is_the_same_copy_on_every_layout(n, hw):
     assert torch.equal(norm.gather(view.contiguous()), expected)
 
 
+@pytest.mark.parametrize("n, side", [(1, 2), (1, 8), (1, 56), (2, 8), (2, 56)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_1x1_convolution_as_matmul_is_the_same_convolution(n, side, with_bias):
+    # Each shape rule branch (conv2d, mm/addmm at batch 1, batched matmul) on a strided buffer slice
+    # as a block hands it, and on a contiguous map: the same numbers as conv2d to float rounding.
+    assert {_matmul_pays(n, side * side) for n, side in [(1, 2), (1, 8), (1, 56), (2, 8), (2, 56)]} == {True, False}
+    gen = torch.Generator().manual_seed(n * 100 + side)
+    buf = torch.randn(n, 40, side, side, generator=gen)
+    weight = torch.randn(7, 24, 1, 1, generator=gen)
+    bias = torch.randn(7, generator=gen) if with_bias else None
+    for x in (buf[:, :24], buf[:, :24].contiguous()):
+        out = conv1x1(x, weight, bias)
+        assert out.shape == (n, 7, side, side)
+        assert torch.allclose(out, F.conv2d(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
 def test_inference_shortcuts_match_the_module_by_module_network():
     # Inference pools before a transition's convolution and folds norm2 into conv1; the gradient
     # path runs every module as torchvision does. Both must agree, and the fold must follow weight edits.
@@ -182,6 +199,12 @@ def test_inference_shortcuts_match_the_module_by_module_network():
     _torch_logits(net, x)
     handle.remove()
     assert seen
+    # ... and one on a transition's conv sees it run on the pooled map (so does count_macs)
+    seen.clear()
+    handle = net.transitions()[0].conv.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[-1]))
+    _torch_logits(net, x)
+    handle.remove()
+    assert seen == [4]  # 32 px: stem to 8 x 8, pooled to 4 x 4 before the convolution
     # pooling first: the transitions' convolutions run on a quarter of the positions
     assert count_macs(net, 32, 3) < count_macs(model, 32, 3)
 
