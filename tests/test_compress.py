@@ -45,7 +45,7 @@ from model.nets import (
     pooled_features,
     to_json_config,
 )
-from model.nets.pruned import SubsetBatchNorm2d, _matmul_pays, conv1x1
+from model.nets.pruned import _COPY_MAP, SubsetBatchNorm2d, _matmul_pays, conv1x1
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -154,6 +154,30 @@ def test_subset_gather_is_the_same_copy_on_every_layout(n, hw):
     expected = torch.stack([view[:, c] for c in (0, 2, 3, 7, 9)], dim=1)
     assert torch.equal(norm.gather(view), expected)
     assert torch.equal(norm.gather(view.contiguous()), expected)
+
+
+@pytest.mark.parametrize("n, hw", [(1, 8), (3, 8), (3, 20)])
+@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4], [0, 2, 3, 7, 9]])
+def test_subset_norm_on_a_strided_buffer_view_is_the_norm_of_its_channels(n, hw, index):
+    # At batch > 1 a prefix reader gets a strided view of the block buffer, which small maps copy
+    # before the norm (faster); large maps and contiguous views go straight in. Every route must be
+    # batch norm of exactly the kept channels.
+    norm = SubsetBatchNorm2d(index, in_width=10).eval()
+    with torch.no_grad():
+        norm.running_mean.normal_(0.0, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    buf = torch.randn(n, 12, hw, hw)
+    view = buf[:, :10]
+    kept = view[:, index].contiguous()
+    expected = F.batch_norm(kept, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+    with torch.no_grad():
+        out = norm(view)
+    assert out.shape == kept.shape
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
+    if n > 1 and hw * hw <= _COPY_MAP:  # the copied route is the contiguous norm itself
+        assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("n, side", [(1, 2), (1, 8), (1, 56), (2, 8), (2, 56)])
