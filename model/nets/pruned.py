@@ -17,6 +17,7 @@ list of feature maps at every layer as torchvision does, and a transition pools 
 convolution (the two commute), so the convolution sees a quarter of the pixels, and a dense layer's
 ``norm2`` is folded into ``conv1`` (cached; the modules keep their own weights and state-dict names).
 1x1 convolutions run as matrix products on the map sizes where that measured faster (``conv1x1``).
+A strided channel prefix on a small map is copied before its batch norm (``SubsetBatchNorm2d.forward``).
 
 ``arch_config`` (JSON in the bundle) is everything needed to rebuild the net::
 
@@ -146,8 +147,8 @@ class SubsetBatchNorm2d(nn.BatchNorm2d):
         if not x.is_contiguous() and x.shape[2] * x.shape[3] <= _COPY_MAP:
             # CPU batch norm has no fast kernel for a strided tensor: on the block buffer's prefix view
             # at batch 32 it took 3-5x as long as a copy plus the norm (16 x 16 down to 7 x 7 maps,
-            # 2 threads; the 64 px, batch-32 pass of an unpruned layout went x0.96-1.02 -> x1.07-1.24
-            # against torchvision's). On larger maps the copy costs as much as it saves.
+            # 2 threads; the 64 px, batch-32 pass of an unpruned layout, A/B in one run, went x1.00 / 1.02
+            # -> x1.11 / 1.08 against torchvision's). On larger maps the copy costs as much as it saves.
             x = x.contiguous()
         return super().forward(x)
 
